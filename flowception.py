@@ -1,0 +1,474 @@
+"""
+Flowception: variable-length video generation that interleaves continuous flow-matching denoising of
+frames with discrete, learned frame insertions (arXiv 2512.11438). Read this file top to bottom:
+
+    config -> scheduler kappa -> extended-time training state -> losses -> DiT -> sampler
+
+Conventions, used everywhere
+----------------------------
+time    t = 0 is noise, t = 1 is data:  x_t = t * x_1 + (1 - t) * x_0,  velocity target  x_1 - x_0.
+shapes  B batch, F frames, C channels, H height, W width, L tokens per frame, D model width.
+batches a set of variable-length videos is a padded tensor (B, F, C, H, W) plus a bool mask (B, F),
+        True = a real frame. There is never a sentinel value inside the data.
+extended time
+        every frame i of a video gets an insertion time s_i = kappa^-1(u_i), u_i ~ U(0, 1) (start
+        frames: s_i = 0). A global time tau_g in [0, 2] gives each frame tau_i = tau_g - s_i and its
+        own flow time t_i = clip(tau_i, 0, 1). tau_i < 0: not inserted yet; 0 <= tau_i < 1: active
+        (flowing); tau_i >= 1: clean and frozen. Insertions stop at tau_g = 1; the video is done when
+        every frame is clean, at tau_g = 1 + max_i s_i <= 2.
+rates   the model predicts, for every visible frame j, log lam_j, where lam_j estimates K_j, the number
+        of frames still pending between frame j and the next visible frame (Corollary B.3). A pending
+        frame is revealed between global times a < b with probability reveal_prob(a, b).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as nnf
+
+#################################################################################
+#                              Scheduler kappa                                  #
+#################################################################################
+
+
+def _check_unit(x, name):
+    """Raise a ValueError naming `name` unless every entry of x lies in [0, 1]."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    if x.numel() and (x.min() < 0 or x.max() > 1 or x.isnan().any()):
+        raise ValueError(f"{name} must lie in [0, 1], got values in [{x.min():.4g}, {x.max():.4g}]")
+
+
+class Kappa:
+    """An insertion scheduler kappa: [0, 1] -> [0, 1], increasing, kappa(0) = 0, kappa(1) = 1 (Eq. 3).
+
+    kappa(t) is the probability that a frame with insertion time s ~ kappa^-1(U) is visible at time
+    t. Subclasses define kappa, dkappa and inverse; hazard and reveal_prob follow (Lemma B.1).
+    All methods take and return tensors, elementwise.
+    """
+
+    def hazard(self, t):
+        """Instantaneous reveal rate of a pending frame: dkappa / (1 - kappa) (Eq. 19)."""
+        return self.dkappa(t) / (1 - self.kappa(t))
+
+    def reveal_prob(self, t0, t1):
+        """P(a frame still pending at t0 is revealed by t1) = (kappa(t1) - kappa(t0)) / (1 - kappa(t0)).
+
+        Exact for any step size; for linear kappa it is h / (1 - t), which is the paper's
+        h * dkappa / (1 - kappa). Defined as 1 at t0 = 1 (nothing can still be pending there).
+        """
+        t0, t1 = torch.as_tensor(t0), torch.as_tensor(t1)
+        _check_unit(t0, "t0"), _check_unit(t1, "t1")
+        k0, k1 = self.kappa(t0), self.kappa(t1)
+        return torch.where(k0 < 1, (k1 - k0) / (1 - k0).clamp_min(1e-30), torch.ones_like(k0))
+
+
+class LinearKappa(Kappa):
+    """kappa(t) = t, the paper's default: insertion times are uniform on [0, 1]."""
+
+    def kappa(self, t):
+        _check_unit(t, "t")
+        return torch.as_tensor(t) * 1.0
+
+    def dkappa(self, t):
+        _check_unit(t, "t")
+        return torch.ones_like(torch.as_tensor(t) * 1.0)
+
+    def inverse(self, u):
+        _check_unit(u, "u")
+        return torch.as_tensor(u) * 1.0
+
+
+@dataclass(frozen=True)
+class PolyKappa(Kappa):
+    """kappa(t) = t^p. p > 1 inserts late (most frames appear near t = 1), p < 1 inserts early."""
+
+    p: float = 2.0
+
+    def __post_init__(self):
+        if not self.p > 0:
+            raise ValueError(f"PolyKappa: p must be > 0, got {self.p}")
+
+    def kappa(self, t):
+        _check_unit(t, "t")
+        return torch.as_tensor(t) ** self.p
+
+    def dkappa(self, t):
+        _check_unit(t, "t")
+        return self.p * torch.as_tensor(t) ** (self.p - 1)
+
+    def inverse(self, u):
+        _check_unit(u, "u")
+        return torch.as_tensor(u) ** (1 / self.p)
+
+
+class CosineKappa(Kappa):
+    """kappa(t) = 1 - cos(pi t / 2): slow start, fast finish."""
+
+    def kappa(self, t):
+        _check_unit(t, "t")
+        return 1 - torch.cos(torch.as_tensor(t) * math.pi / 2)
+
+    def dkappa(self, t):
+        _check_unit(t, "t")
+        return math.pi / 2 * torch.sin(torch.as_tensor(t) * math.pi / 2)
+
+    def inverse(self, u):
+        _check_unit(u, "u")
+        return torch.acos(1 - torch.as_tensor(u)) * 2 / math.pi
+
+
+KAPPAS = {"linear": LinearKappa, "poly": PolyKappa, "cosine": CosineKappa}
+
+#################################################################################
+#                  Training state in extended time (Eqs. 6-10, Alg. 2)          #
+#################################################################################
+
+
+@dataclass
+class TrainingState:
+    """Where every frame of a batch of videos stands at global time tau_g. Indexed by ORIGINAL frame."""
+
+    tau_g: torch.Tensor  # (B,)    global extended time in [0, 2)
+    tau: torch.Tensor  # (B, F)    per-frame extended time tau_g - s_i
+    t: torch.Tensor  # (B, F)      per-frame flow time clip(tau, 0, 1)
+    visible: torch.Tensor  # (B, F) bool, inserted by tau_g (tau >= 0)
+    active: torch.Tensor  # (B, F) bool, visible and still flowing (tau < 1)
+    K: torch.Tensor  # (B, F)      long, pending frames right of each visible frame (0 elsewhere)
+    valid: torch.Tensor  # (B, F)  bool, i < n_b
+
+
+def sample_tau_g(n, density="uniform", generator=None, device=None):
+    """Global time tau_g in [0, 2): uniform, or logit-normal N(0, 1) pushed through 2 * sigmoid."""
+    if density == "uniform":
+        return 2 * torch.rand(n, generator=generator, device=device)
+    if density == "logit_normal":
+        return 2 * torch.sigmoid(torch.randn(n, generator=generator, device=device))
+    raise ValueError(f"tau_density must be 'uniform' or 'logit_normal', got {density!r}")
+
+
+def pending_counts(visible, valid):
+    """K_j: deleted frames between visible frame j and the next visible frame (or the video's end).
+
+    Every deleted frame belongs to the last visible frame on its left (frame 0 is always visible).
+    """
+    B, F = visible.shape
+    idx = torch.arange(F, device=visible.device).expand(B, F)
+    owner = torch.where(visible, idx, -1).cummax(dim=1).values  # (B, F) last visible at or before i
+    deleted = (valid & ~visible).long()
+    return torch.zeros_like(deleted).scatter_add_(1, owner.clamp_min(0), deleted)
+
+
+def sample_training_state(lengths, kappa=None, n_start=1, tau_g=None, generator=None,
+                          tau_density="uniform"):
+    """Draw the extended-time state of a batch of videos (Section 4 of the spec; Algorithm 2).
+
+    lengths: (B,) long, n_b >= n_start. tau_g: None (drawn from `tau_density`), a float or a (B,)
+    tensor fixing the global time, e.g. to compare laws at a given time in the tests.
+
+    1. s_i = kappa^-1(u_i) (Eq. 6). Frame 0 and n_start - 1 further frames, uniformly among 1..n-1,
+       are start frames with s_i = 0: nothing can ever be inserted left of frame 0.
+    2. tau_i = tau_g - s_i, t_i = clip(tau_i, 0, 1) (Eqs. 7-8).
+    3. A row where no frame is active is a state the sampler never visits (it stops once every frame
+       is clean). Such rows redraw (tau_g, s) TOGETHER, which conditions the joint law on "not
+       finished". The paper's shortcut tau_g ~ U(0, max_i s_i + 1) instead tilts the law of s by
+       1 / (max_i s_i + 1), so that training and sampling marginals differ (tested).
+    """
+    kappa = kappa or LinearKappa()
+    lengths = torch.as_tensor(lengths, dtype=torch.long)
+    if lengths.ndim != 1 or lengths.numel() == 0:
+        raise ValueError(f"lengths must be a non-empty 1-d tensor, got shape {tuple(lengths.shape)}")
+    if n_start < 1:
+        raise ValueError(f"n_start must be >= 1, got {n_start}")
+    if lengths.min() < n_start:
+        raise ValueError(f"lengths must all be >= n_start={n_start}, got min {lengths.min().item()}")
+    device, B, F = lengths.device, lengths.numel(), int(lengths.max())
+    fixed = tau_g is not None
+    if fixed:
+        tau_g = torch.as_tensor(tau_g, dtype=torch.float32, device=device).expand(B).clone()
+        if tau_g.min() < 0 or tau_g.max() >= 2:
+            raise ValueError("a fixed tau_g must lie in [0, 2)")
+    else:
+        tau_g = torch.empty(B, device=device)
+    valid = torch.arange(F, device=device) < lengths[:, None]  # (B, F)
+    s = torch.empty(B, F, device=device)
+    redraw = torch.ones(B, dtype=torch.bool, device=device)
+    while redraw.any():  # rejection: a shrinking set of rows, vectorised within each round
+        rows = redraw.nonzero().squeeze(1)
+        R = rows.numel()
+        s_r = kappa.inverse(torch.rand(R, F, generator=generator, device=device))  # Eq. (6)
+        score = torch.rand(R, F, generator=generator, device=device)  # uniform start subset
+        score[:, 0] = -1.0  # frame 0 always ranks first
+        score[~valid[rows]] = 2.0  # padding ranks last
+        start = score.argsort(dim=1).argsort(dim=1) < n_start  # (R, F)
+        s[rows] = torch.where(start, 0.0, s_r)
+        if not fixed:
+            tau_g[rows] = sample_tau_g(R, tau_density, generator, device)
+        tau_r = tau_g[rows, None] - s[rows]  # (R, F)
+        redraw[rows] = ~(valid[rows] & (tau_r >= 0) & (tau_r < 1)).any(dim=1)
+    tau = tau_g[:, None] - s  # (B, F)  Eq. (7)
+    visible = valid & (tau >= 0)
+    return TrainingState(tau_g=tau_g, tau=tau, t=tau.clamp(0, 1), visible=visible,
+                         active=visible & (tau < 1), K=pending_counts(visible, valid), valid=valid)
+
+
+def strip_index(keep):
+    """Indices that move the kept frames of each row to the front, in order, and their mask.
+
+    keep: (B, F) bool -> index (B, F') long, mask (B, F') bool, F' = max kept count (f_strip, Alg. 2).
+    """
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices  # kept frames first
+    n = keep.sum(dim=1)
+    Fp = max(int(n.max()), 1)
+    return order[:, :Fp], torch.arange(Fp, device=keep.device) < n[:, None]
+
+
+def gather_frames(x, index):
+    """x (B, F, ...) gathered along frames with index (B, F') -> (B, F', ...)."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
+
+
+@dataclass
+class TrainingBatch:
+    """What the model sees: the visible frames of each video, stripped to the front and padded."""
+
+    x_t: torch.Tensor  # (B, F', C, H, W) noisy visible frames, Eq. (10)
+    cond: torch.Tensor  # (B, F', C, H, W) conditioning stream (clean context frames, else zeros)
+    t: torch.Tensor  # (B, F')           per-frame flow time
+    mask: torch.Tensor  # (B, F')        bool, real frame
+    target: torch.Tensor  # (B, F', C, H, W) velocity target x_1 - x_0
+    active: torch.Tensor  # (B, F')      bool, frame still flowing: velocity loss
+    can_insert: torch.Tensor  # (B, F')  bool, slot that may insert, rate loss while tau_g < 1
+    K: torch.Tensor  # (B, F')           long, pending count right of each slot
+    tau_g: torch.Tensor  # (B,)
+
+
+def make_training_batch(x_1, state, generator=None):
+    """Noise the clean videos x_1 (B, F, C, H, W) at the state's times and strip deleted frames."""
+    x_0 = torch.randn(x_1.shape, generator=generator, device=x_1.device, dtype=x_1.dtype)
+    t = state.t.to(x_1.dtype)[:, :, None, None, None]  # (B, F, 1, 1, 1)
+    x_t = t * x_1 + (1 - t) * x_0  # (B, F, C, H, W)  Eq. (10)
+    index, mask = strip_index(state.visible)
+    g = lambda z: gather_frames(z, index)  # noqa: E731
+    return TrainingBatch(x_t=g(x_t), cond=torch.zeros_like(g(x_t)), t=g(state.t), mask=mask,
+                         target=g(x_1 - x_0), active=g(state.active) & mask,
+                         can_insert=mask & (state.tau_g < 1)[:, None], K=g(state.K) * mask,
+                         tau_g=state.tau_g)
+
+
+#################################################################################
+#                             Losses (Eqs. 12, 20, 24)                          #
+#################################################################################
+
+
+def velocity_loss(v, batch):
+    """Squared error to x_1 - x_0 on active frames, mean over ALL active frames of the batch (Eq. 12).
+
+    A per-video mean over-weights videos with few active frames and biases towards under-insertion
+    (paper, Appendix E).
+    """
+    err = (v.float() - batch.target.float()).pow(2).flatten(2).mean(dim=2)  # (B, F')
+    w = batch.active.float()
+    return (err * w).sum() / w.sum().clamp_min(1)
+
+
+def rate_loss(log_lam, batch, kappa=None, hazard_weight=False):
+    """Poisson NLL lam - K log lam on insertion-capable slots while tau_g < 1 (Eqs. 20, 24).
+
+    Computed from log lam in fp32 (lam = exp(log lam), Eq. 11): no log(exp(x) + eps). Its minimiser
+    is E[K_j | x_t] (Corollary B.3). hazard_weight multiplies each slot by dkappa/(1-kappa) at tau_g
+    (Eq. 19); off by default, as the paper recommends.
+    """
+    log_lam = log_lam.float()
+    nll = log_lam.exp() - batch.K.float() * log_lam  # (B, F')
+    w = batch.can_insert.float()
+    if hazard_weight:
+        kappa = kappa or LinearKappa()
+        w = w * kappa.hazard(batch.tau_g.clamp(0, 1 - 1e-4).float())[:, None]
+    return (nll * w).sum() / batch.can_insert.float().sum().clamp_min(1)
+
+
+#################################################################################
+#                       Sampler (Algorithm 1, Appendix B.3)                     #
+#################################################################################
+
+
+def time_grid(kappa, steps, max_reveal_prob=0.1, floor=1e-4):
+    """The global times t_0 = 0 < t_1 < ... = 1 at which the sampler evaluates the model before t_g = 1.
+
+    Each step is h = 1 / steps, or shorter where a step of h would reveal more than `max_reveal_prob`
+    of the still pending frames; once 1 - kappa < floor the last step goes to 1. With uniform steps
+    (Algorithm 1, max_reveal_prob = 1) the last step reveals every pending frame at once without the
+    model seeing any of them, which is what skews the length law at small budgets.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0 < max_reveal_prob <= 1:
+        raise ValueError(f"max_reveal_prob must be in (0, 1], got {max_reveal_prob}")
+    K = lambda t: float(kappa.kappa(torch.tensor(t, dtype=torch.float64)))  # noqa: E731
+    grid = [0.0]
+    while grid[-1] < 1:
+        t = grid[-1]
+        nxt = t + 1 / steps
+        nxt = 1.0 if nxt > 1 - 1e-9 else nxt  # no sliver step from accumulated rounding
+        if max_reveal_prob < 1:
+            if 1 - K(t) < floor:
+                nxt = 1.0
+            elif (K(nxt) - K(t)) / (1 - K(t)) > max_reveal_prob:  # cap binds: reveal exactly the cap
+                u = 1 - (1 - max_reveal_prob) * (1 - K(t))
+                nxt = float(kappa.inverse(torch.tensor(min(u, 1.0), dtype=torch.float64)))
+        grid.append(nxt)
+    return grid
+
+
+@dataclass
+class SamplerState:
+    """The batch being generated, handed to `callback` after every step."""
+
+    x: torch.Tensor  # (B, F, C, H, W)
+    t: torch.Tensor  # (B, F)           per-frame flow time
+    mask: torch.Tensor  # (B, F)        bool, real frame
+    insert_time: torch.Tensor  # (B, F) global time at which the frame was inserted (0: start frame)
+    t_g: float  # global time after this step (keeps growing past 1 while frames finish)
+    step: int  # number of model evaluations so far
+    refused: torch.Tensor  # (B,)       insertions refused so far by the max_frames cap
+
+
+@dataclass
+class Sample:
+    """One generated video."""
+
+    frames: torch.Tensor  # (F_i, C, H, W)
+    insert_time: torch.Tensor  # (F_i,)
+    nfe: int  # model evaluations until this video was finished
+    refused: int  # insertions refused by the max_frames cap
+
+
+def insert_frames(state, n_new, t_new, max_frames, generator=None):
+    """Insert n_new[b, j] pure-noise frames (t = 0) right after frame j of row b, all rows at once.
+
+    Insertions that would take a video past max_frames are refused, leftmost slots first served; real
+    frames are never evicted. Returns the new state; state.refused counts what was refused.
+    """
+    x, t, mask = state.x, state.t, state.mask
+    B, F = mask.shape
+    n_new = n_new.long() * mask
+    n = mask.sum(dim=1)  # (B,)
+    budget = (max_frames - n).clamp_min(0)  # (B,)
+    before = n_new.cumsum(dim=1) - n_new  # (B, F) insertions requested left of slot j
+    kept = (budget[:, None] - before).clamp_min(0).minimum(n_new)  # (B, F)
+    shift = kept.cumsum(dim=1) - kept  # (B, F) frames inserted before old frame j
+    n_total = n + kept.sum(dim=1)
+    F_new = int(n_total.max())
+    rows = torch.arange(B, device=x.device)[:, None].expand(B, F)[mask]
+    pos = (torch.arange(F, device=x.device) + shift)[mask]  # where each old frame goes
+    x_new = torch.randn((B, F_new, *x.shape[2:]), generator=generator, device=x.device, dtype=x.dtype)
+    t_new_ = torch.zeros(B, F_new, device=x.device, dtype=t.dtype)
+    ins = torch.full((B, F_new), t_new, device=x.device, dtype=state.insert_time.dtype)
+    x_new[rows, pos], t_new_[rows, pos], ins[rows, pos] = x[mask], t[mask], state.insert_time[mask]
+    mask_new = torch.arange(F_new, device=x.device) < n_total[:, None]
+    return SamplerState(x=x_new * mask_new[..., None, None, None], t=t_new_, mask=mask_new,
+                        insert_time=ins * mask_new, t_g=t_new, step=state.step,
+                        refused=state.refused + (n_new - kept).sum(dim=1))
+
+
+@torch.no_grad()
+def generate(model, num_videos, frame_shape, kappa=None, n_start=1, steps=100, sampler="poisson",
+             max_reveal_prob=0.1, max_frames=64, generator=None, callback=None, device=None,
+             dtype=torch.float32):
+    """Generate variable-length videos: interleave Euler flow steps with frame insertions (Alg. 1).
+
+    model: any callable model(x_t, t, mask, cond) -> (v, log_lam), shapes as in the module docstring.
+    Each step, for all videos at once:
+      1. one forward pass -> v, log lam;
+      2. flow (Eq. 4): every unfinished frame moves by dt_i = min(dt, 1 - t_i): x_i += dt_i v_i;
+      3. while t_g < 1: insertions right of every frame with p = reveal_prob(t_g, t_g + dt):
+         'bernoulli' (Alg. 1) one frame w.p. min(1, lam_j p); 'poisson' (App. B.3) Poisson(lam_j p);
+         inserted frames are N(0, I) with t = 0;
+      4. t_g advances along `time_grid` (steps of 1/steps, capped reveal probability), then by
+         h = 1/steps once t_g >= 1; the loop ends when every frame is clean.
+    max_reveal_prob = 1 gives exactly Algorithm 1's uniform grid. Returns a list of `Sample`.
+    """
+    kappa = kappa or LinearKappa()
+    if sampler not in ("poisson", "bernoulli"):
+        raise ValueError(f"sampler must be 'poisson' or 'bernoulli', got {sampler!r}")
+    if n_start < 1:
+        raise ValueError(f"n_start must be >= 1, got {n_start}")
+    if num_videos < 1:
+        raise ValueError(f"num_videos must be >= 1, got {num_videos}")
+    if max_frames < n_start:
+        raise ValueError(f"max_frames must be >= n_start={n_start}, got {max_frames}")
+    grid = time_grid(kappa, steps, max_reveal_prob)  # also validates steps and max_reveal_prob
+    h = 1.0 / steps
+    B = num_videos
+    device = device if device is not None else (generator.device if generator is not None else "cpu")
+    shape = (B, n_start, *frame_shape)
+    state = SamplerState(x=torch.randn(shape, generator=generator, device=device, dtype=dtype),
+                         t=torch.zeros(B, n_start, device=device), mask=torch.ones(B, n_start, dtype=torch.bool, device=device),
+                         insert_time=torch.zeros(B, n_start, device=device), t_g=0.0, step=0,
+                         refused=torch.zeros(B, dtype=torch.long, device=device))
+    nfe = torch.zeros(B, dtype=torch.long, device=device)
+    k = 0
+    while True:
+        unfinished = ((state.t < 1) & state.mask).any(dim=1)  # (B,)
+        if state.t_g >= 1 and not unfinished.any():
+            break
+        # 1. one forward pass
+        x, t, mask = state.x, state.t, state.mask
+        v, log_lam = model(x, t, mask, torch.zeros_like(x))
+        if v.shape != x.shape or log_lam.shape != mask.shape:
+            raise ValueError(f"model returned v {tuple(v.shape)} and log_lam {tuple(log_lam.shape)}; "
+                             f"expected {tuple(x.shape)} and {tuple(mask.shape)}")
+        nfe += unfinished | (state.t_g < 1)
+        # 2. flow step, Eq. (4); a frame reaching t = 1 takes exactly the remaining 1 - t_i
+        t_next = grid[k + 1] if state.t_g < 1 else state.t_g + h
+        dt = t_next - state.t_g
+        finishes = (dt >= (1 - t) - 1e-6) & mask  # 1e-6: float slack so k * h lands on 1
+        dt_i = torch.where(finishes, 1 - t, torch.full_like(t, dt)) * mask  # (B, F)
+        x = x + dt_i[..., None, None, None].to(x.dtype) * v
+        t = torch.where(finishes, torch.ones_like(t), t + dt_i)
+        state = SamplerState(x=x, t=t, mask=mask, insert_time=state.insert_time, t_g=t_next,
+                             step=state.step + 1, refused=state.refused)
+        # 3. insertions to the right of every frame, while t_g < 1
+        if k + 1 < len(grid):
+            p = float(kappa.reveal_prob(torch.tensor(grid[k]), torch.tensor(grid[k + 1])))
+            rate = log_lam.float().exp() * p * mask  # (B, F) expected insertions per slot
+            if sampler == "poisson":
+                n_new = torch.poisson(rate, generator=generator)
+            else:
+                n_new = torch.bernoulli(rate.clamp(max=1), generator=generator)
+            state = insert_frames(state, n_new, t_next, max_frames, generator)
+            k += 1
+        if callback is not None:
+            callback(state)
+    return [Sample(frames=state.x[b, state.mask[b]], insert_time=state.insert_time[b, state.mask[b]],
+                   nfe=int(nfe[b]), refused=int(state.refused[b])) for b in range(B)]
+
+
+class PosteriorMeanOracle:
+    """The exact rate for videos whose frames carry no information: lam_j = E[K_j | m visible, t_g].
+
+    For a known length law P(n), a state with m visible frames at t_g < 1 has
+    P(n | m, t_g) ∝ P(n) Binom(m - n_start; n - n_start, kappa(t_g)), and because the visible set is
+    a uniform subset, the n - m pending frames are spread exchangeably over the m slots:
+    E[K_j | m, t_g] = E[(n - m) / m | m, t_g]. t_g is read off the input as the largest frame time
+    (a start frame has t = t_g before 1). The velocity is 0. Used by the tests and `sample.py --oracle`.
+    """
+
+    def __init__(self, length_probs, kappa=None, n_start=1):
+        self.p = torch.as_tensor(length_probs, dtype=torch.float64)  # (N_max + 1,) P(n)
+        self.p = self.p / self.p.sum()
+        self.kappa, self.n_start = kappa or LinearKappa(), n_start
+
+    def __call__(self, x_t, t, mask, cond):
+        m = mask.sum(dim=1).double()[:, None]  # (B, 1)
+        t_g = torch.where(mask, t, 0.0).amax(dim=1).double().clamp(1e-9, 1 - 1e-9)
+        k = self.kappa.kappa(t_g)[:, None]  # (B, 1)
+        n = torch.arange(len(self.p), dtype=torch.float64)[None]  # (1, N)
+        N, j = n - self.n_start, m - self.n_start  # binomial trials and successes
+        ok = (j <= N) & (self.p[None] > 0)
+        logpost = (self.p.log()[None] + torch.lgamma(N.clamp_min(0) + 1) - torch.lgamma(j + 1)
+                   - torch.lgamma((N - j).clamp_min(0) + 1) + torch.xlogy(j, k) + torch.xlogy(N - j, 1 - k))
+        post = torch.softmax(torch.where(ok, logpost, -math.inf), dim=1).nan_to_num(0.0)  # (B, N)
+        lam = (post * (n - m).clamp_min(0) / m).sum(dim=1)  # (B,)
+        log_lam = lam.clamp_min(1e-12).log().float()[:, None].expand(mask.shape)
+        return torch.zeros_like(x_t), log_lam.to(t.device)
