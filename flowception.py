@@ -424,7 +424,8 @@ def generate(model, num_videos, frame_shape, kappa=None, n_start=1, steps=100, s
         dt = t_next - state.t_g
         finishes = (dt >= (1 - t) - 1e-6) & mask  # 1e-6: float slack so k * h lands on 1
         dt_i = torch.where(finishes, 1 - t, torch.full_like(t, dt)) * mask  # (B, F)
-        x = x + dt_i[..., None, None, None].to(x.dtype) * v
+        moving = (dt_i > 0)[..., None, None, None]  # frozen and padded frames ignore v (even NaN)
+        x = torch.where(moving, x + dt_i[..., None, None, None].to(x.dtype) * v, x)
         t = torch.where(finishes, torch.ones_like(t), t + dt_i)
         state = SamplerState(x=x, t=t, mask=mask, insert_time=state.insert_time, t_g=t_next,
                              step=state.step + 1, refused=state.refused)

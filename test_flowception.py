@@ -1,0 +1,448 @@
+"""Tests: the math of Flowception, checked as laws (hypothesis, fixed seeds), not only "it runs".
+
+Statistical tests draw with fixed seeds; each tolerance is derived from the sample size (a few
+standard deviations of the statistic) plus, for the sampler, a term proportional to the step size.
+The hypothesis profile is derandomized, so a run is reproducible and cannot flake.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import flowception as fc
+
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=25, print_blob=True)
+settings.load_profile("ci")
+
+KAPPAS = [fc.LinearKappa(), fc.PolyKappa(2.0), fc.PolyKappa(0.5), fc.CosineKappa()]
+kappas = st.sampled_from(KAPPAS)
+unit = st.floats(0.0, 1.0)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def tv(p, q):
+    n = max(len(p), len(q))
+    pad = lambda a: torch.cat([a.double(), torch.zeros(n - len(a), dtype=torch.double)])  # noqa: E731
+    return 0.5 * (pad(p) - pad(q)).abs().sum().item()
+
+
+def tv_noise(p, n):
+    """Expected-size bound of the TV between an n-sample histogram and its law p (sum of std devs)."""
+    p = p.double()
+    return 0.5 * (p * (1 - p) / n).sqrt().sum().item()
+
+
+def histogram(values, size):
+    return torch.bincount(values, minlength=size)[:size].double() / len(values)
+
+
+def binom_pmf(k, n, p):
+    return math.comb(n, k) * p**k * (1 - p) ** (n - k) if 0 <= k <= n else 0.0
+
+
+def visible_count_law(P, kappa, n_start, tau_g, size):
+    """P(m visible at tau_g <= 1) = sum_n P(n) Binom(m - n_start; n - n_start, kappa(tau_g))."""
+    k = float(kappa.kappa(torch.tensor(tau_g)))
+    out = torch.zeros(size, dtype=torch.double)
+    for n, pn in enumerate(P.tolist()):
+        for m in range(n_start, n + 1):
+            out[m] += pn * binom_pmf(m - n_start, n - n_start, k)
+    return out
+
+
+#################################################################################
+#                                   Scheduler                                   #
+#################################################################################
+
+
+@given(kappas, unit, unit)
+def test_kappa_boundaries_and_monotone(k, a, b):
+    assert float(k.kappa(torch.tensor(0.0))) == pytest.approx(0.0, abs=1e-12)
+    assert float(k.kappa(torch.tensor(1.0))) == pytest.approx(1.0, abs=1e-12)
+    a, b = sorted((a, b))
+    assert float(k.kappa(torch.tensor(a, dtype=torch.float64))) <= float(k.kappa(torch.tensor(b, dtype=torch.float64))) + 1e-15
+
+
+@given(kappas, unit)
+def test_kappa_inverse_round_trip(k, t):
+    t = torch.tensor(t, dtype=torch.float64)
+    assert float(k.inverse(k.kappa(t))) == pytest.approx(float(t), abs=1e-7)
+    assert float(k.kappa(k.inverse(t))) == pytest.approx(float(t), abs=1e-9)
+
+
+@given(kappas, st.floats(0.01, 0.99))
+def test_dkappa_matches_autograd(k, t):
+    t = torch.tensor(t, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(k.kappa(t), t)
+    assert float(k.dkappa(t.detach())) == pytest.approx(float(grad), rel=1e-9)
+    assert float(k.hazard(t.detach())) == pytest.approx(float(grad) / (1 - float(k.kappa(t.detach()))), rel=1e-9)
+
+
+@given(kappas, unit, unit, unit)
+def test_reveal_prob_composes(k, a, b, c):
+    a, b, c = (torch.tensor(x, dtype=torch.float64) for x in sorted((a, b, c)))
+    lhs = 1 - k.reveal_prob(a, c)
+    rhs = (1 - k.reveal_prob(a, b)) * (1 - k.reveal_prob(b, c))
+    assert float(lhs) == pytest.approx(float(rhs), abs=1e-9)
+    assert 0 <= float(k.reveal_prob(a, b)) <= 1
+
+
+@given(st.floats(0.0, 0.98), st.floats(0.001, 0.02))
+def test_linear_reveal_prob_is_paper_rate(t, h):
+    k = fc.LinearKappa()
+    t, h = torch.tensor(t, dtype=torch.float64), torch.tensor(h, dtype=torch.float64)
+    assert float(k.reveal_prob(t, t + h)) == pytest.approx(float(h / (1 - t)), rel=1e-9)
+    assert float(k.reveal_prob(t, t + h)) == pytest.approx(float(h * k.hazard(t)), rel=1e-9)
+
+
+@pytest.mark.parametrize("method", ["kappa", "dkappa", "inverse"])
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_kappa_rejects_outside_unit_interval(method, bad):
+    with pytest.raises(ValueError, match="must lie in"):
+        getattr(fc.LinearKappa(), method)(torch.tensor([0.5, bad]))
+
+
+#################################################################################
+#                           Training state (extended time)                      #
+#################################################################################
+
+
+@given(st.integers(1, 10), st.integers(0, 9), st.floats(0.05, 0.95), kappas, st.integers(0, 2**16))
+def test_visible_count_is_start_plus_binomial(n_rest, n_start_minus_1, tau_g, k, seed):
+    n_start = min(n_start_minus_1, n_rest) + 1
+    n, N = n_start + n_rest - min(n_start_minus_1, n_rest), 20_000
+    s = fc.sample_training_state(torch.full((N,), n), kappa=k, n_start=n_start, tau_g=tau_g, generator=gen(seed))
+    law = torch.zeros(n + 1, dtype=torch.double)
+    law[n_start:] = torch.tensor([binom_pmf(j, n - n_start, float(k.kappa(torch.tensor(tau_g)))) for j in range(n - n_start + 1)])
+    assert tv(histogram(s.visible.sum(1), n + 1), law) <= 4 * tv_noise(law, N) + 1e-3
+
+
+@given(st.floats(0.1, 0.99), kappas, st.integers(0, 2**16))
+def test_lags_follow_truncated_inverse_kappa(tau_g, k, seed):
+    """Inserted visible frames have s = tau_g - tau ~ kappa^-1(U) | s <= tau_g: kappa(s)/kappa(tau_g) ~ U."""
+    s = fc.sample_training_state(torch.full((4000,), 12), kappa=k, tau_g=tau_g, generator=gen(seed))
+    inserted = s.visible & (s.tau < tau_g)  # start frames have s = 0 exactly
+    lag = (tau_g - s.tau[inserted]).double().clamp(0, 1)
+    u = (k.kappa(lag) / k.kappa(torch.tensor(tau_g, dtype=torch.float64))).sort().values
+    n = len(u)
+    ks = (u - torch.arange(1, n + 1, dtype=torch.double) / n).abs().max().item()
+    assert ks <= 1.95 / math.sqrt(n)  # Kolmogorov's 0.1% quantile is 1.95 / sqrt(n)
+
+
+def test_visible_set_is_uniform_subset():
+    """Given m visible frames of n = 5 (frame 0 fixed), every (m-1)-subset of 1..4 is equally likely."""
+    N = 60_000
+    s = fc.sample_training_state(torch.full((N,), 5), tau_g=0.5, n_start=2, generator=gen(0))
+    codes = (s.visible[:, 1:].long() * torch.tensor([1, 2, 4, 8])).sum(1)
+    assert s.visible[:, 0].all()
+    for m in range(2, 6):
+        rows = codes[s.visible.sum(1) == m]
+        subsets = [c for c in range(16) if bin(c).count("1") == m - 1]
+        freq = torch.tensor([(rows == c).sum().item() for c in subsets], dtype=torch.double) / len(rows)
+        p = 1 / len(subsets)
+        assert (freq - p).abs().max() <= 4.5 * math.sqrt(p * (1 - p) / len(rows))
+        assert torch.isin(rows, torch.tensor(subsets)).all()
+
+
+@given(st.lists(st.integers(1, 12), min_size=1, max_size=8), st.integers(1, 3), kappas,
+       st.sampled_from(["uniform", "logit_normal"]), st.integers(0, 2**16))
+def test_state_invariants(lengths, n_start, k, density, seed):
+    lengths = torch.tensor(lengths).clamp_min(n_start)
+    s = fc.sample_training_state(lengths, kappa=k, n_start=n_start, generator=gen(seed), tau_density=density)
+    deleted = s.valid & ~s.visible
+    assert (s.K.sum(1) == deleted.sum(1)).all()  # sum K = deleted count
+    assert (s.K[~s.visible] == 0).all()
+    assert s.active.any(1).all()  # no row without an active frame
+    assert s.visible[:, 0].all() and (s.visible <= s.valid).all()
+    assert (s.visible.sum(1) >= n_start).all()
+    assert ((s.tau_g >= 0) & (s.tau_g < 2)).all()
+    assert torch.equal(s.t, s.tau.clamp(0, 1))
+    for b in range(len(lengths)):  # K against its definition, by a plain loop
+        vis = s.visible[b, : lengths[b]].tolist()
+        for j, v in enumerate(vis):
+            gap = 0
+            for i in range(j + 1, len(vis)):
+                if vis[i]:
+                    break
+                gap += 1
+            assert s.K[b, j] == (gap if v else 0)
+
+
+def _shortcut_state(n, N, generator):
+    """The paper's shortcut (App. E): s_i ~ U(0, 1), tau_g ~ U(0, max_i s_i + 1). Linear kappa, n_start = 1."""
+    s = torch.rand(N, n, generator=generator)
+    s[:, 0] = 0.0
+    tau_g = torch.rand(N, generator=generator) * (s.max(1).values + 1)
+    return tau_g, (tau_g[:, None] - s >= 0).sum(1)
+
+
+def test_tau_max_shortcut_is_biased_and_rejection_is_not():
+    """n = 3: at tau_g in [0.45, 0.55] the exact law of the visible count is 1 + Binom(2, tau_g).
+
+    The shortcut tilts the insertion times by 1 / (max s + 1): early insertions are over-represented.
+    Our rejection sampler conditions (tau_g, s) jointly and reproduces the exact law.
+    """
+    lo, hi, N = 0.45, 0.55, 2_000_000
+    # exact law averaged over tau_g ~ U(lo, hi): E[t^2], E[2t(1-t)], E[(1-t)^2] in closed form
+    m1, m2 = (hi**2 - lo**2) / (2 * (hi - lo)), (hi**3 - lo**3) / (3 * (hi - lo))
+    law = torch.tensor([0, 1 - 2 * m1 + m2, 2 * (m1 - m2), m2], dtype=torch.double)
+    tau_g, count = _shortcut_state(3, N, gen(0))
+    sel = count[(tau_g >= lo) & (tau_g < hi)]
+    tv_shortcut = tv(histogram(sel, 4), law)
+    ours = fc.sample_training_state(torch.full((N,), 3), generator=gen(1))
+    sel_ours = ours.visible.sum(1)[(ours.tau_g >= lo) & (ours.tau_g < hi)]
+    tv_ours = tv(histogram(sel_ours, 4), law)
+    assert tv_ours <= 4 * tv_noise(law, len(sel_ours))
+    assert tv_shortcut >= 0.02 and tv_shortcut >= 5 * tv_ours
+
+
+def test_training_state_bad_input():
+    with pytest.raises(ValueError, match="n_start"):
+        fc.sample_training_state(torch.tensor([5]), n_start=0)
+    with pytest.raises(ValueError, match="lengths"):
+        fc.sample_training_state(torch.tensor([2, 5]), n_start=3)
+    with pytest.raises(ValueError, match="tau_g"):
+        fc.sample_training_state(torch.tensor([5]), tau_g=2.0)
+    with pytest.raises(ValueError, match="tau_density"):
+        fc.sample_training_state(torch.tensor([5]), tau_density="beta")
+
+
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=6), st.integers(0, 2**16))
+def test_training_batch_strips_in_order_and_noises(lengths, seed):
+    lengths = torch.tensor(lengths)
+    B, F = len(lengths), int(lengths.max())
+    x_1 = torch.arange(F, dtype=torch.float32)[None, :, None, None, None].expand(B, F, 2, 1, 1) + 100 * torch.arange(B)[:, None, None, None, None]
+    s = fc.sample_training_state(lengths, generator=gen(seed))
+    batch = fc.make_training_batch(x_1, s, generator=gen(seed + 1))
+    assert torch.equal(batch.mask.sum(1), s.visible.sum(1))
+    for b in range(B):
+        idx = s.visible[b].nonzero().squeeze(1)
+        m = len(idx)
+        clean = batch.x_t[b, :m] + (1 - batch.t[b, :m, None, None, None]) * batch.target[b, :m]  # x_t + (1-t)(x_1-x_0) = x_1
+        assert torch.allclose(clean, x_1[b, idx], atol=1e-4)
+        assert torch.equal(batch.K[b, :m], s.K[b, idx]) and torch.equal(batch.t[b, :m], s.t[b, idx])
+        assert torch.equal(batch.active[b, :m], s.active[b, idx]) and not batch.active[b, m:].any()
+        assert bool(batch.can_insert[b, :m].all()) == bool(s.tau_g[b] < 1)
+    assert (batch.cond == 0).all()
+
+
+#################################################################################
+#                                     Losses                                    #
+#################################################################################
+
+
+def _loss_batch(K, can_insert, active=None):
+    B, F = K.shape
+    return fc.TrainingBatch(x_t=torch.zeros(B, F, 1, 1, 1), cond=torch.zeros(B, F, 1, 1, 1), t=torch.zeros(B, F),
+                            mask=torch.ones(B, F, dtype=torch.bool), target=torch.zeros(B, F, 1, 1, 1),
+                            active=active if active is not None else torch.ones(B, F, dtype=torch.bool),
+                            can_insert=can_insert, K=K, tau_g=torch.zeros(B))
+
+
+@given(st.lists(st.integers(0, 20), min_size=2, max_size=30), st.integers(0, 2**16))
+def test_poisson_nll_minimiser_is_mean_of_K(Ks, seed):
+    K = torch.tensor(Ks)[None]
+    can = torch.rand(K.shape, generator=gen(seed)) < 0.7
+    can[0, 0] = True
+    batch = _loss_batch(K, can)
+    target = K[can].double().mean().clamp_min(1e-3).log()
+    c = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([c], lr=1, max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = fc.rate_loss(c.expand(K.shape), batch)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    if K[can].sum() > 0:  # for all-zero K the minimiser is log 0 = -inf
+        assert float(c.detach()) == pytest.approx(float(target), abs=1e-3)
+
+
+def test_losses_ignore_padding_and_average_over_all_active_frames():
+    """Two videos: 1 active frame with error 1, 3 active frames with error 0 -> 1/4 (a per-video mean: 1/2)."""
+    K = torch.tensor([[2, 0, 0, 0], [1, 1, 1, 0]])
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    batch = _loss_batch(K, mask.clone(), active=mask.clone())
+    batch.mask = mask
+    v = torch.zeros(2, 4, 1, 1, 1)
+    v[0, 0] = 1.0
+    assert float(fc.velocity_loss(v, batch)) == pytest.approx(0.25)
+    log_lam = torch.zeros(2, 4)
+    ref_v, ref_r = fc.velocity_loss(v, batch), fc.rate_loss(log_lam, batch)
+    v2, l2 = v.clone(), log_lam.clone()
+    v2[~mask], l2[~mask] = 1e3, 50.0  # garbage in padded frames
+    assert torch.equal(fc.velocity_loss(v2, batch), ref_v) and torch.equal(fc.rate_loss(l2, batch), ref_r)
+    assert float(ref_r) == pytest.approx(1.0)  # lam = 1: mean of 1 - K * 0
+    assert torch.isfinite(fc.rate_loss(torch.full((2, 4), 80.0), batch))  # fp32 from log lam, no overflow to nan
+
+
+#################################################################################
+#                                     Sampler                                   #
+#################################################################################
+
+length_laws = st.lists(st.integers(2, 24), min_size=1, max_size=4, unique=True).flatmap(
+    lambda ns: st.tuples(st.just(ns), st.lists(st.integers(1, 5), min_size=len(ns), max_size=len(ns))))
+
+
+def _law(ns_ws, size=25):
+    ns, ws = ns_ws
+    P = torch.zeros(size, dtype=torch.double)
+    P[ns] = torch.tensor(ws, dtype=torch.double)
+    return P / P.sum()
+
+
+def _lengths(out):
+    return torch.tensor([s.frames.shape[0] for s in out])
+
+
+@given(length_laws, kappas, st.integers(1, 2), st.sampled_from([(50, 0.1), (100, 1.0), (25, 0.1)]), st.integers(0, 2**16))
+@settings(max_examples=8)
+def test_sampled_time_marginals_match_training(ns_ws, k, n_start, grid, seed):
+    """generate + the exact oracle visits, at each global time t_g, the states the training law draws.
+
+    Visible counts at t_g follow sum_n P(n) Binom(m - n_start; n - n_start, kappa(t_g)); the recorded
+    insertion times fall into the grid cells (t_k, t_k+1] with probability
+    (kappa(t_k+1) - kappa(t_k)) / kappa(t_g). Tolerance: 4x the sampling noise + 1.5 h (Euler-type
+    error of a rate held constant over a step; measured about 0.8 h).
+    """
+    steps, cap = grid
+    ns = [max(n, n_start) for n in ns_ws[0]]
+    P = _law((ns, ns_ws[1]))
+    N, seen = 3000, {}
+
+    def record(state):
+        for target in (0.3, 0.7):
+            if target not in seen and state.t_g >= target:
+                seen[target] = (state.t_g, state.mask.sum(1), state.insert_time[state.mask & (state.insert_time > 0)])
+
+    fc.generate(fc.PosteriorMeanOracle(P, k, n_start), N, (1, 1, 1), kappa=k, n_start=n_start, steps=steps,
+                max_reveal_prob=cap, callback=record, generator=gen(seed))
+    grid_t = torch.tensor(fc.time_grid(k, steps, cap), dtype=torch.float64)
+    for t_g, m, ins in seen.values():
+        law = visible_count_law(P, k, n_start, t_g, 26)
+        assert tv(histogram(m, 26), law) <= 4 * tv_noise(law, N) + 1.5 / steps
+        if len(ins) > 200:
+            nearest = lambda v: (grid_t[None] - v.double()[:, None]).abs().argmin(1)  # noqa: E731  grid point index
+            cells = nearest(ins)  # the grid point that ends the step in which the frame was inserted
+            kg = k.kappa(grid_t.clamp(0, 1))
+            n_cells = int(nearest(torch.tensor([t_g]))) + 1
+            cell_law = (kg[1:n_cells] - kg[: n_cells - 1]) / kg[n_cells - 1]
+            emp = histogram(cells - 1, n_cells - 1)
+            assert tv(emp, cell_law) <= 4 * tv_noise(cell_law, len(ins)) + 1.5 / steps
+
+
+@given(length_laws, kappas, st.integers(0, 2**16))
+@settings(max_examples=6)
+def test_default_sampler_reproduces_length_law(ns_ws, k, seed):
+    P = _law(ns_ws)
+    out = fc.generate(fc.PosteriorMeanOracle(P, k), 2000, (1, 1, 1), kappa=k, generator=gen(seed))
+    assert tv(histogram(_lengths(out), 26), P) <= 0.06
+
+
+def _length_tv(P, seed=0, n=2000, **kw):
+    out = fc.generate(fc.PosteriorMeanOracle(P), n, (1, 1, 1), generator=gen(seed), **kw)
+    return tv(histogram(_lengths(out), 40), P), max(s.nfe for s in out)
+
+
+TOY_LAW = _law(([15, 20, 25, 30], [1, 1, 1, 1]), size=31)
+
+
+def test_uniform_grid_is_worse_at_equal_model_evaluations():
+    capped, nfe_capped = _length_tv(TOY_LAW, steps=50, max_reveal_prob=0.1)
+    uniform, nfe_uniform = _length_tv(TOY_LAW, steps=nfe_capped // 2, max_reveal_prob=1.0)
+    assert nfe_uniform <= nfe_capped  # equal budget, or less for the capped grid's rival
+    assert capped <= 0.06 and uniform >= capped + 0.1
+
+
+def test_bernoulli_is_worse_than_poisson_on_a_coarse_grid():
+    """At most one insertion per slot per step cannot keep up when a step reveals many pending frames."""
+    poisson, _ = _length_tv(TOY_LAW, steps=10, max_reveal_prob=0.3, sampler="poisson")
+    bernoulli, _ = _length_tv(TOY_LAW, steps=10, max_reveal_prob=0.3, sampler="bernoulli")
+    assert bernoulli >= poisson + 0.05
+
+
+def test_max_reveal_prob_one_is_algorithm_1_grid():
+    for steps in (1, 7, 100):
+        assert fc.time_grid(fc.LinearKappa(), steps, 1.0) == pytest.approx([i / steps for i in range(steps + 1)], abs=1e-12)
+
+
+@given(kappas, st.integers(1, 200), st.floats(0.02, 1.0))
+def test_capped_grid_never_reveals_more_than_the_cap(k, steps, cap):
+    g = torch.tensor(fc.time_grid(k, steps, cap), dtype=torch.float64)
+    assert g[0] == 0 and g[-1] == 1 and (g[1:] > g[:-1]).all()
+    assert ((g[1:] - g[:-1]) <= 1 / steps + 1e-9).all()
+    p = k.reveal_prob(g[:-2], g[1:-1])  # every step but the last, which goes to 1 once 1 - kappa < 1e-4
+    assert (p <= cap + 1e-9).all()
+
+
+def _point_mass_model(a, log_lam=-2.0):
+    """Exact velocity towards the point mass a: v = (a - x_t) / (1 - t). Euler is exact on straight paths."""
+
+    def model(x, t, mask, cond):
+        return (a - x) / (1 - t)[..., None, None, None], torch.full(mask.shape, log_lam)
+
+    return model
+
+
+@given(st.sampled_from(["poisson", "bernoulli"]), st.integers(2, 40), st.floats(0.05, 1.0), st.integers(1, 3), st.integers(0, 2**16))
+@settings(max_examples=10)
+def test_every_frame_is_flowed_to_the_end(sampler, steps, cap, n_start, seed):
+    calls = []
+    out = fc.generate(_point_mass_model(3.0, log_lam=1.0), 16, (2, 1, 3), n_start=n_start, steps=steps, sampler=sampler,
+                      max_reveal_prob=cap, callback=lambda s: calls.append(s.step), generator=gen(seed))
+    for s in out:
+        assert torch.allclose(s.frames, torch.full_like(s.frames, 3.0), atol=1e-4)
+        assert (s.insert_time == 0).sum() == n_start and s.insert_time[0] == 0  # start frames; the rest inserted
+        assert s.nfe <= len(calls)
+    assert calls == list(range(1, len(calls) + 1)) and max(s.nfe for s in out) == len(calls)
+
+
+def test_max_frames_refuses_and_never_evicts():
+    out = fc.generate(_point_mass_model(1.0, log_lam=5.0), 8, (1, 1, 1), n_start=3, steps=20, max_frames=10, generator=gen(0))
+    for s in out:
+        assert s.frames.shape[0] == 10 and s.refused > 0
+        assert (s.insert_time == 0).sum() == 3 and s.insert_time[0] == 0  # start frames kept
+
+
+def test_insert_frames_places_new_frames_right_of_their_slot():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0]])[..., None, None, None]
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    state = fc.SamplerState(x=x, t=torch.full((2, 3), 0.5) * mask, mask=mask, insert_time=torch.zeros(2, 3), t_g=0.5,
+                            step=1, refused=torch.zeros(2, dtype=torch.long))
+    n_new = torch.tensor([[2, 0, 1], [0, 3, 7]])  # the 7 sits on padding: ignored
+    new = fc.insert_frames(state, n_new, 0.6, max_frames=6, generator=gen(0))
+
+    def reference(values, counts):  # plain-Python definition of "insert right of each slot"
+        out = []
+        for v, c in zip(values, counts):
+            out += [v] + ["new"] * c
+        return out
+
+    for b, n_real in enumerate((3, 2)):
+        ref = reference(x[b, :n_real].flatten().tolist(), n_new[b, :n_real].tolist())
+        got = ["new" if it > 0 else v for v, it in zip(new.x[b, new.mask[b]].flatten().tolist(), new.insert_time[b, new.mask[b]].tolist())]
+        assert got == ref
+        assert torch.equal(new.t[b, new.mask[b]] == 0, torch.tensor([g == "new" for g in got]))
+    assert new.mask.sum(1).tolist() == [6, 5] and new.refused.tolist() == [0, 0]
+    capped = fc.insert_frames(state, torch.tensor([[4, 4, 4], [0, 0, 0]]), 0.6, max_frames=5, generator=gen(0))
+    assert capped.mask.sum(1).tolist() == [5, 2] and capped.refused.tolist() == [10, 0]
+
+
+def test_generate_bad_input():
+    model = _point_mass_model(0.0)
+    with pytest.raises(ValueError, match="steps"):
+        fc.generate(model, 2, (1, 1, 1), steps=0)
+    with pytest.raises(ValueError, match="sampler"):
+        fc.generate(model, 2, (1, 1, 1), sampler="euler")
+    with pytest.raises(ValueError, match="n_start"):
+        fc.generate(model, 2, (1, 1, 1), n_start=0)
+    with pytest.raises(ValueError, match="max_reveal_prob"):
+        fc.generate(model, 2, (1, 1, 1), max_reveal_prob=0.0)
+    with pytest.raises(ValueError, match="model returned"):
+        fc.generate(lambda x, t, m, c: (x[:, :1], t), 2, (1, 1, 1))
