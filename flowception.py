@@ -21,10 +21,92 @@ rates   the model predicts, for every visible frame j, log lam_j, where lam_j es
         frame is revealed between global times a < b with probability reveal_prob(a, b).
 """
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as nnf
+from einops import rearrange
+from torch import nn
+
+#################################################################################
+#                                   Config                                      #
+#################################################################################
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run needs: data geometry, model size, Flowception knobs and training schedule."""
+
+    # data: frames are (channels, height, width); `data` names the source train.py reads
+    data: str = "toy"
+    channels: int = 3
+    height: int = 1
+    width: int = 3
+    max_frames: int = 30  # longest video in the data; sampling cap defaults to 2x this
+    # model (Section 6)
+    patch: tuple = (1, 3)  # (ph, pw): one token per toy frame
+    dim: int = 64
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    window: int = 0  # local attention over +-window frames; 0 = full attention
+    # Flowception
+    kappa: str = "linear"  # a name in KAPPAS
+    n_start: int = 1
+    tau_density: str = "uniform"  # law of tau_g on [0, 2]: "uniform" or "logit_normal"
+    rate_weight: float = 1.0  # total loss = velocity + rate_weight * insertion
+    hazard_weight: bool = False
+    # training
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    log_every: int = 250
+    ckpt_every: int = 1000
+
+    def __post_init__(self):
+        positive = ("channels", "height", "width", "max_frames", "dim", "depth", "heads", "n_start",
+                    "steps", "batch_size", "log_every", "ckpt_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "mlp_ratio"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("window", "warmup", "weight_decay", "grad_clip", "rate_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.n_start > self.max_frames:
+            raise ValueError(f"n_start={self.n_start} exceeds max_frames={self.max_frames}")
+
+    def make_kappa(self):
+        if self.kappa not in KAPPAS:
+            raise ValueError(f"kappa must be one of {sorted(KAPPAS)}, got {self.kappa!r}")
+        return KAPPAS[self.kappa]()
+
+    @classmethod
+    def from_dict(cls, d):
+        """Inverse of dataclasses.asdict, for configs stored in checkpoints."""
+        return cls(**{**d, "patch": tuple(d["patch"])})
+
+
+PRESETS = {
+    # 3-pixel toy videos of Appendix F; 0.81M parameters; trains on 2 CPU cores in minutes.
+    "toy": Config(),
+    # the paper's 256 px Tai-Chi config over 128-channel LTX latents at 8x8; 1.61B parameters
+    # (the paper's "2.1B" adds a joint-attention text stream and a SwiGLU MLP, see README).
+    "taichi256": Config(data="latents", channels=128, height=8, width=8, max_frames=19, patch=(1, 1),
+                        dim=1536, depth=38, heads=24, batch_size=8, lr=1e-4, warmup=1000,
+                        steps=300_000, tau_density="logit_normal", ema_decay=0.9999),
+}
+
 
 #################################################################################
 #                              Scheduler kappa                                  #
@@ -288,6 +370,175 @@ def rate_loss(log_lam, batch, kappa=None, hazard_weight=False):
 
 
 #################################################################################
+#                  Model: a DiT with per-frame time (Section 3.4)               #
+#################################################################################
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """Per-frame flow time t in [0, 1] -> D: sinusoidal features of 1000 t, then an MLP (as in DiT)."""
+
+    def __init__(self, dim, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):  # (B, F) -> (B, F, D)
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=t.device) / half)  # (half,)
+        angles = 1000 * t.float()[..., None] * freqs  # (B, F, half)
+        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1).to(self.mlp[0].weight.dtype))
+
+
+def rope_split(head_dim):
+    """Head channels per RoPE axis (frame, h, w): each even; h and w get about a third each."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_angles(pos, head_dim, base=10_000.0):
+    """pos (..., 3) positions over (frame, h, w) -> angles (..., head_dim / 2), one block per axis."""
+    out = []
+    for axis, d in enumerate(rope_split(head_dim)):
+        freqs = base ** (-torch.arange(0, d, 2, device=pos.device, dtype=torch.float32) / d)  # (d/2,)
+        out.append(pos[..., axis, None].float() * freqs)
+    return torch.cat(out, dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate channel pairs of x (B, heads, N, hd) by angles given as cos, sin (B, 1, N, hd/2)."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, h, N, hd/2) each
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with QK-norm and 3D RoPE; masks come from the caller."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm, self.k_norm = nn.RMSNorm(dim // heads), nn.RMSNorm(dim // heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, cos, sin, attn_mask):  # x (B, N, D)
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)  # (B, h, N, hd)
+        out = nnf.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, hd)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: each frame's time embedding sets shift, scale and gate for all its tokens."""
+
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, cos, sin, attn_mask):  # x (B, F, L+1, D), c (B, F, D)
+        mod = self.adaLN_modulation(c)[:, :, None].chunk(6, dim=-1)  # 6 x (B, F, 1, D), once per frame
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, F, L+1, D) what attention sees
+        x = x + gate_msa * self.attn(h.flatten(1, 2), cos, sin, attn_mask).view_as(x)
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class Flowception(nn.Module):
+    """model(x_t, t, mask, cond) -> (v, log_lam): velocity for every frame and log insertion rate per slot.
+
+    Each frame is patchified over 2C channels (noisy + conditioning stream) into L tokens, plus one
+    learned rate token (shared, replicated per frame); attention runs over all tokens of all real
+    frames (optionally only within +-window frames). The rate token's final state gives log lam
+    through a small MLP (lam = exp, Eq. 11); the patch tokens give v through a final adaLN layer.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        ph, pw = cfg.patch
+        if cfg.height % ph or cfg.width % pw:
+            raise ValueError(f"patch {cfg.patch} must divide the frame size {(cfg.height, cfg.width)}")
+        if cfg.dim % cfg.heads or (cfg.dim // cfg.heads) % 2:
+            raise ValueError(f"dim={cfg.dim} must split into {cfg.heads} heads of even size")
+        patch_dim = 2 * cfg.channels * ph * pw
+        self.x_embedder = nn.Linear(patch_dim, cfg.dim)
+        self.t_embedder = TimestepEmbedder(cfg.dim)
+        self.rate_token = nn.Parameter(torch.zeros(cfg.dim))
+        self.blocks = nn.ModuleList(DiTBlock(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 2 * cfg.dim))
+        self.final_linear = nn.Linear(cfg.dim, cfg.channels * ph * pw)
+        self.rate_head = nn.Sequential(nn.LayerNorm(cfg.dim), nn.Linear(cfg.dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, 1))
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT's init: xavier linears, then adaLN-Zero (every gate and the velocity head start at 0)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.rate_token, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_modulation[-1], self.final_linear, self.rate_head[-1]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def positions(self, F, device):
+        """RoPE positions (F, L+1, 3): (frame index, h, w); the rate token sits at the frame's centre."""
+        hp, wp = self.cfg.height // self.cfg.patch[0], self.cfg.width // self.cfg.patch[1]
+        f, h, w = torch.meshgrid(torch.arange(F), torch.arange(hp), torch.arange(wp), indexing="ij")
+        patches = torch.stack([f, h, w], dim=-1).flatten(1, 2).float()  # (F, L, 3)
+        centre = torch.stack([torch.arange(F).float(), torch.full((F,), (hp - 1) / 2), torch.full((F,), (wp - 1) / 2)], -1)
+        return torch.cat([patches, centre[:, None]], dim=1).to(device)  # (F, L+1, 3)
+
+    def attention_mask(self, mask, L1):
+        """(B, 1, N, N) bool: keys must be real frames (and within +-window frames of the query)."""
+        keys = mask.repeat_interleave(L1, dim=1)[:, None, None, :]  # (B, 1, 1, N)
+        if not self.cfg.window:
+            return keys
+        frame = torch.arange(mask.shape[1], device=mask.device).repeat_interleave(L1)  # (N,)
+        return keys & ((frame[:, None] - frame[None, :]).abs() <= self.cfg.window)  # (B, 1, N, N)
+
+    def forward(self, x_t, t, mask, cond):
+        cfg = self.cfg
+        B, F = mask.shape
+        ph, pw = cfg.patch
+        z = torch.cat([x_t, cond], dim=2)  # (B, F, 2C, H, W)
+        tokens = rearrange(z, "b f c (h p) (w q) -> b f (h w) (p q c)", p=ph, q=pw)
+        x = self.x_embedder(tokens.to(self.x_embedder.weight.dtype))  # (B, F, L, D)
+        x = torch.cat([x, self.rate_token.to(x.dtype).expand(B, F, 1, -1)], dim=2)  # (B, F, L+1, D)
+        L1 = x.shape[2]
+        c = self.t_embedder(t)  # (B, F, D) per-frame time embedding
+        angles = rope_angles(self.positions(F, x.device), cfg.dim // cfg.heads).flatten(0, 1)  # (N, hd/2)
+        cos, sin = angles.cos()[None, None], angles.sin()[None, None]  # (1, 1, N, hd/2)
+        attn_mask = self.attention_mask(mask, L1)
+        for block in self.blocks:
+            x = block(x, c, cos, sin, attn_mask)  # (B, F, L+1, D)
+        shift, scale = self.final_modulation(c)[:, :, None].chunk(2, dim=-1)  # (B, F, 1, D)
+        out = self.final_linear(modulate(self.final_norm(x[:, :, :-1]), shift, scale))  # (B, F, L, p*q*C)
+        v = rearrange(out, "b f (h w) (p q c) -> b f c (h p) (w q)", h=cfg.height // ph, p=ph, q=pw)
+        log_lam = self.rate_head(x[:, :, -1]).squeeze(-1)  # (B, F)
+        return v.to(x_t.dtype), log_lam.float()
+
+
+def build_model(cfg):
+    """The DiT for a config. Works under `with torch.device("meta")` to count parameters for free."""
+    return Flowception(cfg)
+
+
+#################################################################################
 #                       Sampler (Algorithm 1, Appendix B.3)                     #
 #################################################################################
 
@@ -473,3 +724,22 @@ class PosteriorMeanOracle:
         lam = (post * (n - m).clamp_min(0) / m).sum(dim=1)  # (B,)
         log_lam = lam.clamp_min(1e-12).log().float()[:, None].expand(mask.shape)
         return torch.zeros_like(x_t), log_lam.to(t.device)
+
+
+#################################################################################
+#                                 Checkpoints                                   #
+#################################################################################
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """A checkpoint dict (plain tensors and data, loaded with weights_only=True) or a one-line error."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path} does not exist (train one with `python train.py`)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, unsafe pickle...
+        raise ValueError(f"checkpoint {path} is not a readable checkpoint ({type(e).__name__})") from None
+    missing = {"model", "ema", "config", "step", "preset"} - set(ckpt if isinstance(ckpt, dict) else ())
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {sorted(missing)}")
+    return ckpt

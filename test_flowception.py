@@ -446,3 +446,92 @@ def test_generate_bad_input():
         fc.generate(model, 2, (1, 1, 1), max_reveal_prob=0.0)
     with pytest.raises(ValueError, match="model returned"):
         fc.generate(lambda x, t, m, c: (x[:, :1], t), 2, (1, 1, 1))
+
+
+#################################################################################
+#                                      Model                                    #
+#################################################################################
+
+SMALL = fc.Config(channels=2, height=4, width=4, patch=(2, 2), dim=32, depth=2, heads=2, max_frames=8)
+
+
+def _model_inputs(B, F, cfg=SMALL, seed=0):
+    g = gen(seed)
+    x = torch.randn(B, F, cfg.channels, cfg.height, cfg.width, generator=g)
+    lengths = torch.randint(1, F + 1, (B,), generator=g)
+    lengths[0] = F
+    mask = torch.arange(F) < lengths[:, None]
+    return x, torch.rand(B, F, generator=g), mask, torch.randn(x.shape, generator=g)
+
+
+def _randomised(cfg):
+    """A model whose adaLN-Zero gates are no longer zero, so every path carries signal."""
+    torch.manual_seed(0)
+    model = fc.build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("window", [0, 1])
+def test_model_shapes_and_padding_invariance(window):
+    cfg = fc.Config(**{**vars(SMALL), "window": window})
+    model = _randomised(cfg)
+    x, t, mask, cond = _model_inputs(3, 5, cfg)
+    v, log_lam = model(x, t, mask, cond)
+    assert v.shape == x.shape and log_lam.shape == mask.shape and log_lam.dtype == torch.float32
+    # append 3 padded frames full of garbage, and scribble over the existing padding: real frames unchanged
+    pad = lambda z: torch.cat([z, 1e3 * torch.randn(z.shape[0], 3, *z.shape[2:])], dim=1)  # noqa: E731
+    x2, t2, cond2 = pad(x), pad(t).clamp(0, 1), pad(cond)
+    x2[:, :5][~mask], cond2[:, :5][~mask] = 77.0, -5.0
+    mask2 = torch.cat([mask, torch.zeros(3, 3, dtype=torch.bool)], dim=1)
+    v2, log_lam2 = model(x2, t2, mask2, cond2)
+    assert torch.allclose(v2[:, :5][mask], v[mask], atol=1e-5)
+    assert torch.allclose(log_lam2[:, :5][mask], log_lam[mask], atol=1e-5)
+    assert (v[mask].std() > 1e-3) and (log_lam[mask].std() > 1e-4)  # the invariance is not trivial
+
+
+def test_model_is_equivariant_to_batch_permutation():
+    model = _randomised(SMALL)
+    x, t, mask, cond = _model_inputs(5, 4)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    v, log_lam = model(x, t, mask, cond)
+    vp, log_lamp = model(x[perm], t[perm], mask[perm], cond[perm])
+    assert torch.allclose(vp, v[perm], atol=1e-5) and torch.allclose(log_lamp, log_lam[perm], atol=1e-5)
+
+
+def test_local_window_limits_what_a_frame_sees():
+    """With window 1, changing frame 4 changes frames 3..4 after one block... and never frame 0 at depth 2."""
+    cfg = fc.Config(**{**vars(SMALL), "window": 1})
+    model = _randomised(cfg)
+    x, t, _, cond = _model_inputs(1, 6, cfg)
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    v, _ = model(x, t, mask, cond)
+    x2 = x.clone()
+    x2[0, 5] += 1.0
+    v2, _ = model(x2, t, mask, cond)
+    moved = (v2 - v).flatten(2).abs().amax(2)[0]  # (F,)
+    assert moved[5] > 1e-4 and moved[3] > 1e-6  # two blocks reach two frames to the left
+    assert moved[:3].max() == 0  # frames 0..2 are out of reach
+
+
+def test_adaln_zero_start():
+    """At init every gate and the velocity head are zero: v = 0 and log lam = 0 (lam = 1) whatever the input."""
+    model = fc.build_model(SMALL)
+    v, log_lam = model(*_model_inputs(2, 3))
+    assert (v == 0).all() and (log_lam == 0).all()
+    assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("qkv.weight"))
+
+
+def test_taichi256_on_meta_device():
+    cfg = fc.PRESETS["taichi256"]
+    with torch.device("meta"):
+        model = fc.build_model(cfg)
+    assert (cfg.depth, cfg.dim, cfg.heads, cfg.dim // cfg.heads, cfg.patch, cfg.channels, cfg.height, cfg.width) == \
+           (38, 1536, 24, 64, (1, 1), 128, 8, 8)
+    n = sum(p.numel() for p in model.parameters())
+    assert all(p.is_meta for p in model.parameters())
+    D = cfg.dim  # a plain adaLN-Zero block holds 18 D^2 weights: qkv + proj 4, MLP 8, adaLN 6
+    assert abs(n - 38 * 18 * D * D) / n < 0.01
+    assert n == 1_625_074_561  # the number the README quotes
