@@ -51,10 +51,15 @@ class Config:
     heads: int = 4
     mlp_ratio: float = 4.0
     window: int = 0  # local attention over +-window frames; 0 = full attention
+    # Not in the paper: add an embedding of the current frame count m to every frame's adaLN input.
+    # The exact rate of an uninformative video is a sharp function of m and t_g (PosteriorMeanOracle);
+    # with relative (RoPE) positions only, the DiT must learn to count, and on the toy it did not
+    # within minutes: its late rates came out flat in m. False gives the paper's architecture.
+    count_embedding: bool = True
     # Flowception
     kappa: str = "linear"  # a name in KAPPAS
     n_start: int = 1
-    tau_density: str = "uniform"  # law of tau_g on [0, 2]: "uniform" or "logit_normal"
+    tau_density: str = "uniform"  # law of tau_g on [0, 2]: "uniform", "logit_normal" or "late"
     rate_weight: float = 1.0  # total loss = velocity + rate_weight * insertion
     hazard_weight: bool = False
     # training
@@ -98,10 +103,11 @@ class Config:
 
 
 PRESETS = {
-    # 3-pixel toy videos of Appendix F; 0.81M parameters; trains on 2 CPU cores in minutes.
-    "toy": Config(),
-    # the paper's 256 px Tai-Chi config over 128-channel LTX latents at 8x8; 1.61B parameters
-    # (the paper's "2.1B" adds a joint-attention text stream and a SwiGLU MLP, see README).
+    # 3-pixel toy videos of Appendix F; 0.35M parameters; trains on 2 CPU cores in about 4 minutes.
+    "toy": Config(steps=2000, batch_size=32, lr=2e-3, tau_density="late"),
+    # the paper's 256 px Tai-Chi config over 128-channel LTX latents at 8x8: 1,627,827,073 parameters
+    # (1,625,074,561 without the count embedding; the paper's "2.1B" adds a joint-attention text
+    # stream and a SwiGLU MLP, see README).
     "taichi256": Config(data="latents", channels=128, height=8, width=8, max_frames=19, patch=(1, 1),
                         dim=1536, depth=38, heads=24, batch_size=8, lr=1e-4, warmup=1000,
                         steps=300_000, tau_density="logit_normal", ema_decay=0.9999),
@@ -220,12 +226,20 @@ class TrainingState:
 
 
 def sample_tau_g(n, density="uniform", generator=None, device=None):
-    """Global time tau_g in [0, 2): uniform, or logit-normal N(0, 1) pushed through 2 * sigmoid."""
+    """Global time tau_g in [0, 2): uniform, logit-normal N(0, 1) through 2 sigmoid, or 'late'.
+
+    The density only decides how often each time is trained: the law of the state GIVEN tau_g (what
+    the sampler must match) is the same for all. 'late' puts more of the insertion phase near
+    t_g = 1, where the last few insertions decide whether a video lands on a valid length.
+    """
     if density == "uniform":
         return 2 * torch.rand(n, generator=generator, device=device)
     if density == "logit_normal":
         return 2 * torch.sigmoid(torch.randn(n, generator=generator, device=device))
-    raise ValueError(f"tau_density must be 'uniform' or 'logit_normal', got {density!r}")
+    if density == "late":  # half on [0, 1) with density 1 / (2 sqrt(1 - t)), half uniform on [1, 2)
+        u, coin = torch.rand(2, n, generator=generator, device=device)
+        return torch.where(coin < 0.5, 1 - (1 - u) ** 2, 1 + u)
+    raise ValueError(f"tau_density must be 'uniform', 'logit_normal' or 'late', got {density!r}")
 
 
 def pending_counts(visible, valid):
@@ -379,17 +393,20 @@ def modulate(x, shift, scale):
 
 
 class TimestepEmbedder(nn.Module):
-    """Per-frame flow time t in [0, 1] -> D: sinusoidal features of 1000 t, then an MLP (as in DiT)."""
+    """A scalar -> D: sinusoidal features of scale * value, then an MLP (as in DiT).
 
-    def __init__(self, dim, freq_dim=256):
+    Used with scale 1000 for the per-frame flow time t in [0, 1] and scale 1 for frame counts.
+    """
+
+    def __init__(self, dim, scale=1000.0, freq_dim=256):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.scale = freq_dim, scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
-    def forward(self, t):  # (B, F) -> (B, F, D)
+    def forward(self, t):  # (...) -> (..., D)
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=t.device) / half)  # (half,)
-        angles = 1000 * t.float()[..., None] * freqs  # (B, F, half)
+        angles = self.scale * t.float()[..., None] * freqs  # (..., half)
         return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1).to(self.mlp[0].weight.dtype))
 
 
@@ -456,8 +473,9 @@ class Flowception(nn.Module):
 
     Each frame is patchified over 2C channels (noisy + conditioning stream) into L tokens, plus one
     learned rate token (shared, replicated per frame); attention runs over all tokens of all real
-    frames (optionally only within +-window frames). The rate token's final state gives log lam
-    through a small MLP (lam = exp, Eq. 11); the patch tokens give v through a final adaLN layer.
+    frames (optionally only within +-window frames). A final adaLN layer modulates every token by its
+    frame's conditioning; then a linear map gives v from the patch tokens and a small MLP gives
+    log lam from the rate token (lam = exp, Eq. 11).
     """
 
     def __init__(self, cfg):
@@ -471,12 +489,13 @@ class Flowception(nn.Module):
         patch_dim = 2 * cfg.channels * ph * pw
         self.x_embedder = nn.Linear(patch_dim, cfg.dim)
         self.t_embedder = TimestepEmbedder(cfg.dim)
+        self.count_embedder = TimestepEmbedder(cfg.dim, scale=1.0) if cfg.count_embedding else None
         self.rate_token = nn.Parameter(torch.zeros(cfg.dim))
         self.blocks = nn.ModuleList(DiTBlock(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 2 * cfg.dim))
         self.final_linear = nn.Linear(cfg.dim, cfg.channels * ph * pw)
-        self.rate_head = nn.Sequential(nn.LayerNorm(cfg.dim), nn.Linear(cfg.dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, 1))
+        self.rate_head = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, 1))
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -488,6 +507,9 @@ class Flowception(nn.Module):
         nn.init.normal_(self.rate_token, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.count_embedder is not None:
+            nn.init.normal_(self.count_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.count_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -521,13 +543,16 @@ class Flowception(nn.Module):
         x = torch.cat([x, self.rate_token.to(x.dtype).expand(B, F, 1, -1)], dim=2)  # (B, F, L+1, D)
         L1 = x.shape[2]
         c = self.t_embedder(t)  # (B, F, D) per-frame time embedding
+        if self.count_embedder is not None:  # how many frames the video has now (see Config)
+            c = c + self.count_embedder(mask.sum(dim=1))[:, None]  # (B, F, D)
         angles = rope_angles(self.positions(F, x.device), cfg.dim // cfg.heads).flatten(0, 1)  # (N, hd/2)
         cos, sin = angles.cos()[None, None], angles.sin()[None, None]  # (1, 1, N, hd/2)
         attn_mask = self.attention_mask(mask, L1)
         for block in self.blocks:
             x = block(x, c, cos, sin, attn_mask)  # (B, F, L+1, D)
         shift, scale = self.final_modulation(c)[:, :, None].chunk(2, dim=-1)  # (B, F, 1, D)
-        out = self.final_linear(modulate(self.final_norm(x[:, :, :-1]), shift, scale))  # (B, F, L, p*q*C)
+        x = modulate(self.final_norm(x), shift, scale)  # (B, F, L+1, D) final adaLN, rate token too
+        out = self.final_linear(x[:, :, :-1])  # (B, F, L, p*q*C)
         v = rearrange(out, "b f (h w) (p q c) -> b f c (h p) (w q)", h=cfg.height // ph, p=ph, q=pw)
         log_lam = self.rate_head(x[:, :, -1]).squeeze(-1)  # (B, F)
         return v.to(x_t.dtype), log_lam.float()

@@ -534,4 +534,124 @@ def test_taichi256_on_meta_device():
     assert all(p.is_meta for p in model.parameters())
     D = cfg.dim  # a plain adaLN-Zero block holds 18 D^2 weights: qkv + proj 4, MLP 8, adaLN 6
     assert abs(n - 38 * 18 * D * D) / n < 0.01
-    assert n == 1_625_074_561  # the number the README quotes
+    assert n == 1_627_827_073  # the number the README quotes
+    with torch.device("meta"):
+        paper = fc.build_model(fc.Config(**{**vars(cfg), "count_embedding": False}))
+    count_embedder = (256 * D + D) + (D * D + D)  # its two linear layers
+    assert n - sum(p.numel() for p in paper.parameters()) == count_embedder
+
+
+#################################################################################
+#                          Command lines: train.py, sample.py                   #
+#################################################################################
+
+import sample  # noqa: E402
+import toy_data  # noqa: E402
+import train  # noqa: E402
+
+
+def _run_cli(main, argv, capsys):
+    """Run a CLI's main; return (exit message or None, stdout)."""
+    try:
+        main(argv)
+        code = None
+    except SystemExit as e:
+        code = str(e.code)
+    return code, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "-5"], "steps must be >= 1, got -5"),
+    (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
+    (["--lr", "0"], "lr must be > 0"),
+    (["--ema-decay", "1.5"], "ema_decay must be in [0, 1)"),
+    (["--preset", "taichi256", "--steps", "1"], "latents"),
+])
+def test_train_rejects_nonsense_with_one_line(argv, message, capsys, tmp_path):
+    code, _ = _run_cli(train.main, argv + ["--out", str(tmp_path)], capsys)
+    assert code is not None and code.startswith("error:") and message in code and "\n" not in code
+
+
+def test_train_unknown_preset_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--preset", "nope"])
+    assert e.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_checkpoint_errors(capsys, tmp_path):
+    code, _ = _run_cli(sample.main, ["--ckpt", str(tmp_path / "missing.pt")], capsys)
+    assert "does not exist" in code
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    code, _ = _run_cli(sample.main, ["--ckpt", str(tmp_path / "bad.pt")], capsys)
+    assert "not a readable checkpoint" in code
+    torch.save({"model": {}, "ema": {}, "config": {}, "step": 1}, tmp_path / "partial.pt")
+    code, _ = _run_cli(sample.main, ["--ckpt", str(tmp_path / "partial.pt")], capsys)
+    assert "lacks ['preset']" in code
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys):
+    """3 + 3 steps with a checkpoint in between end with the same weights as 6 steps in one go."""
+    common = ["--steps", "6", "--batch-size", "4", "--log-every", "1", "--ckpt-every", "3", "--dim", "32", "--depth", "1"]
+    train.main(common + ["--out", str(tmp_path / "a")])
+    train.main(common[:1] + ["3"] + common[2:] + ["--out", str(tmp_path / "b")])
+    ckpt_b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert ckpt_b["step"] == 3
+    train.main(common + ["--out", str(tmp_path / "b"), "--resume"])
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    code, _ = _run_cli(train.main, ["--preset", "taichi256", "--resume", "--out", str(tmp_path / "a")], capsys)
+    assert "of preset 'toy', not 'taichi256'" in code
+
+
+#################################################################################
+#                     The toy, trained: lengths are reproduced                  #
+#################################################################################
+
+TOY_STEPS = 800  # about 100 s on 2 CPU cores
+
+
+def test_toy_data_law():
+    videos, lengths = toy_data.sample_toy_videos(8000, gen(0))
+    assert videos.shape == (8000, 30, 3, 1, 3) and videos.abs().max() <= 1
+    assert tv(histogram(lengths, 31), toy_data.length_probs()) <= 4 * tv_noise(toy_data.length_probs(), 8000)
+    valid = torch.arange(30) < lengths[:, None]
+    assert (videos[~valid] == 0).all()
+    middle = videos[:, :, :, 0, 1]  # (B, F, 3): grey, one jump
+    assert torch.allclose(middle[..., 0], middle[..., 2])
+    jumps = ((middle[:, 1:, 0] != middle[:, :-1, 0]) & valid[:, 1:]).sum(1)
+    assert (jumps == 1).all()
+    left, right = videos[:, :, :, 0, 0], videos[:, :, :, 0, 2]
+    # one full turn: the frame after the last would repeat frame 0, so frame n-1 is one step before it
+    b = torch.arange(8000)
+    step = (left[b, 1] - left[b, 0]).abs().sum(1)
+    wrap = (left[b, 0] - left[b, lengths - 1]).abs().sum(1)
+    assert (wrap - step).abs().median() < 0.05
+    assert torch.allclose(left + right, left[:, :1] + right[:, :1], atol=1e-5)  # a + b is constant
+
+
+def test_length_metrics_on_known_inputs():
+    exact = toy_data.length_metrics(torch.tensor([15, 20, 25, 30] * 10))
+    assert exact == {"tv": pytest.approx(0.0), "within1": 1.0, "binned_tv": pytest.approx(0.0)}
+    off = toy_data.length_metrics(torch.tensor([16, 22, 25, 30]))  # 16: within 1 of 15; 22: 2 from 20, binned to it
+    assert off["within1"] == 0.75 and off["binned_tv"] == pytest.approx(0.0) and off["tv"] == pytest.approx(0.5)
+    far = toy_data.length_metrics(torch.tensor([17, 18, 25, 30]))  # 17 -> 15 (+-2), 18 -> 20 (+-2)
+    assert far["binned_tv"] == pytest.approx(0.0)
+    between = toy_data.length_metrics(torch.tensor([40, 40, 25, 30]))
+    assert between["binned_tv"] == pytest.approx(0.5)
+
+
+def test_short_toy_training_reproduces_the_length_histogram(tmp_path, capsys):
+    """The trained-model half of the length test (Figure 10): a short CPU run of the toy preset.
+
+    Tolerances: 256 videos give a binned-TV sampling noise of about 0.05 (sum of binomial standard
+    deviations over 4 modes, halved); the full README run reaches the targets with room to spare.
+    """
+    train.main(["--steps", str(TOY_STEPS), "--out", str(tmp_path), "--log-every", "400"])
+    sample.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--num", "256", "--steps", "25"])
+    result = torch.load(tmp_path / "samples.pt", weights_only=True)
+    m = result["metrics"]
+    print(m)
+    assert m["binned_tv"] <= TOY_BINNED_TV and m["within1"] >= TOY_WITHIN1
+    assert abs(result["lengths"].float().mean() - 22.5) <= 2.0

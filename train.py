@@ -44,11 +44,13 @@ def parse_args(argv=None):
     p.add_argument("--rate-weight", type=float, help="weight of the insertion (Poisson) loss")
     p.add_argument("--n-start", type=int, help="frames present at t_g = 0")
     p.add_argument("--kappa", choices=fc.KAPPAS, help="insertion scheduler")
-    p.add_argument("--tau-density", choices=("uniform", "logit_normal"), help="law of the global time tau_g on [0, 2]")
+    p.add_argument("--tau-density", choices=("uniform", "logit_normal", "late"), help="law of the global time tau_g on [0, 2]")
     p.add_argument("--hazard-weight", action="store_true", default=None, help="weight the rate loss by dkappa/(1-kappa) (Eq. 19)")
     p.add_argument("--dim", type=int, help="model width")
     p.add_argument("--depth", type=int, help="number of DiT blocks")
     p.add_argument("--heads", type=int, help="attention heads")
+    p.add_argument("--no-count-embedding", dest="count_embedding", action="store_false", default=None,
+                   help="the paper's DiT: no embedding of the frame count (see Config.count_embedding)")
     p.add_argument("--window", type=int, help="local attention over +-window frames (0: full)")
     p.add_argument("--log-every", type=int, help="steps between log lines")
     p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
@@ -86,10 +88,13 @@ def save_checkpoint(path, model, ema, opt, step, cfg, preset, data_rng):
 
 def train(args):
     cfg = make_config(args)
-    if cfg.data != "toy":
-        raise ValueError(f"preset {args.preset!r} trains on LTX latents, whose loader is not built yet (issue 5)")
     out = args.out or os.path.join("out", args.preset)
     ckpt_path = os.path.join(out, "ckpt.pt")
+    ckpt = fc.load_checkpoint(ckpt_path) if args.resume else None
+    if ckpt is not None and ckpt["preset"] != args.preset:
+        raise ValueError(f"checkpoint {ckpt_path} is of preset {ckpt['preset']!r}, not {args.preset!r}")
+    if cfg.data != "toy":
+        raise ValueError(f"preset {args.preset!r} trains on LTX latents, whose loader is not built yet (issue 5)")
     device = torch.device(args.device)
     torch.manual_seed(cfg.seed)
     data_rng = torch.Generator().manual_seed(cfg.seed * world_size + rank)  # per-rank data stream
@@ -98,10 +103,7 @@ def train(args):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     kappa = cfg.make_kappa()
     start = 0
-    if args.resume:
-        ckpt = fc.load_checkpoint(ckpt_path)
-        if ckpt["preset"] != args.preset:
-            raise ValueError(f"checkpoint {ckpt_path} is of preset {ckpt['preset']!r}, not {args.preset!r}")
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
