@@ -43,7 +43,7 @@ class Config:
     channels: int = 3
     height: int = 1
     width: int = 3
-    max_frames: int = 30  # longest video in the data; sampling cap defaults to 2x this
+    max_frames: int = 30  # longest video in the data (sample.py caps generation at 2x this)
     # model (Section 6)
     patch: tuple = (1, 3)  # (ph, pw): one token per toy frame
     dim: int = 64
@@ -283,6 +283,8 @@ def sample_training_state(lengths, kappa=None, n_start=1, tau_g=None, generator=
         tau_g = torch.as_tensor(tau_g, dtype=torch.float32, device=device).expand(B).clone()
         if tau_g.min() < 0 or tau_g.max() >= 2:
             raise ValueError("a fixed tau_g must lie in [0, 2)")
+        if ((tau_g >= 1) & (lengths == n_start)).any():  # every frame is a start frame: all clean
+            raise ValueError("a fixed tau_g >= 1 needs lengths > n_start: otherwise no frame is active")
     else:
         tau_g = torch.empty(B, device=device)
     valid = torch.arange(F, device=device) < lengths[:, None]  # (B, F)
@@ -363,8 +365,8 @@ def velocity_loss(v, batch):
     (paper, Appendix E).
     """
     err = (v.float() - batch.target.float()).pow(2).flatten(2).mean(dim=2)  # (B, F')
-    w = batch.active.float()
-    return (err * w).sum() / w.sum().clamp_min(1)
+    err = torch.where(batch.active, err, 0.0)  # where, not a product: padding may hold inf
+    return err.sum() / batch.active.sum().clamp_min(1)
 
 
 def rate_loss(log_lam, batch, kappa=None, hazard_weight=False):
@@ -376,11 +378,11 @@ def rate_loss(log_lam, batch, kappa=None, hazard_weight=False):
     """
     log_lam = log_lam.float()
     nll = log_lam.exp() - batch.K.float() * log_lam  # (B, F')
-    w = batch.can_insert.float()
     if hazard_weight:
         kappa = kappa or LinearKappa()
-        w = w * kappa.hazard(batch.tau_g.clamp(0, 1 - 1e-4).float())[:, None]
-    return (nll * w).sum() / batch.can_insert.float().sum().clamp_min(1)
+        nll = nll * kappa.hazard(batch.tau_g.clamp(0, 1 - 1e-4).float())[:, None]
+    nll = torch.where(batch.can_insert, nll, 0.0)  # where, not a product: padding may hold inf
+    return nll.sum() / batch.can_insert.sum().clamp_min(1)
 
 
 #################################################################################
@@ -580,17 +582,17 @@ def time_grid(kappa, steps, max_reveal_prob=0.1, floor=1e-4):
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not 0 < max_reveal_prob <= 1:
         raise ValueError(f"max_reveal_prob must be in (0, 1], got {max_reveal_prob}")
-    K = lambda t: float(kappa.kappa(torch.tensor(t, dtype=torch.float64)))  # noqa: E731
+    kap = lambda t: float(kappa.kappa(torch.tensor(t, dtype=torch.float64)))  # noqa: E731
     grid = [0.0]
     while grid[-1] < 1:
         t = grid[-1]
         nxt = t + 1 / steps
         nxt = 1.0 if nxt > 1 - 1e-9 else nxt  # no sliver step from accumulated rounding
         if max_reveal_prob < 1:
-            if 1 - K(t) < floor:
+            if 1 - kap(t) < floor:
                 nxt = 1.0
-            elif (K(nxt) - K(t)) / (1 - K(t)) > max_reveal_prob:  # cap binds: reveal exactly the cap
-                u = 1 - (1 - max_reveal_prob) * (1 - K(t))
+            elif (kap(nxt) - kap(t)) / (1 - kap(t)) > max_reveal_prob:  # cap binds: reveal exactly the cap,
+                u = 1 - (1 - max_reveal_prob) * (1 - kap(t))  # i.e. 1 - kappa shrinks by (1 - cap)
                 nxt = float(kappa.inverse(torch.tensor(min(u, 1.0), dtype=torch.float64)))
         grid.append(nxt)
     return grid
@@ -619,8 +621,10 @@ class Sample:
     refused: int  # insertions refused by the max_frames cap
 
 
-def insert_frames(state, n_new, t_new, max_frames, generator=None):
+def insert_frames(state, n_new, t_g, max_frames, generator=None):
     """Insert n_new[b, j] pure-noise frames (t = 0) right after frame j of row b, all rows at once.
+
+    This is Algorithm 1's ins(X, j, eps) for every slot in parallel; inserted frames record t_g.
 
     Insertions that would take a video past max_frames are refused, leftmost slots first served; real
     frames are never evicted. Returns the new state; state.refused counts what was refused.
@@ -638,12 +642,12 @@ def insert_frames(state, n_new, t_new, max_frames, generator=None):
     rows = torch.arange(B, device=x.device)[:, None].expand(B, F)[mask]
     pos = (torch.arange(F, device=x.device) + shift)[mask]  # where each old frame goes
     x_new = torch.randn((B, F_new, *x.shape[2:]), generator=generator, device=x.device, dtype=x.dtype)
-    t_new_ = torch.zeros(B, F_new, device=x.device, dtype=t.dtype)
-    ins = torch.full((B, F_new), t_new, device=x.device, dtype=state.insert_time.dtype)
-    x_new[rows, pos], t_new_[rows, pos], ins[rows, pos] = x[mask], t[mask], state.insert_time[mask]
+    t_frames = torch.zeros(B, F_new, device=x.device, dtype=t.dtype)  # new frames start at t = 0
+    ins = torch.full((B, F_new), t_g, device=x.device, dtype=state.insert_time.dtype)
+    x_new[rows, pos], t_frames[rows, pos], ins[rows, pos] = x[mask], t[mask], state.insert_time[mask]
     mask_new = torch.arange(F_new, device=x.device) < n_total[:, None]
-    return SamplerState(x=x_new * mask_new[..., None, None, None], t=t_new_, mask=mask_new,
-                        insert_time=ins * mask_new, t_g=t_new, step=state.step,
+    return SamplerState(x=x_new * mask_new[..., None, None, None], t=t_frames, mask=mask_new,
+                        insert_time=ins * mask_new, t_g=t_g, step=state.step,
                         refused=state.refused + (n_new - kept).sum(dim=1))
 
 
@@ -708,7 +712,7 @@ def generate(model, num_videos, frame_shape, kappa=None, n_start=1, steps=100, s
         # 3. insertions to the right of every frame, while t_g < 1
         if k + 1 < len(grid):
             p = float(kappa.reveal_prob(torch.tensor(grid[k]), torch.tensor(grid[k + 1])))
-            rate = log_lam.float().exp() * p * mask  # (B, F) expected insertions per slot
+            rate = torch.where(mask, log_lam.float().exp() * p, 0.0)  # (B, F) expected insertions per slot
             if sampler == "poisson":
                 n_new = torch.poisson(rate, generator=generator)
             else:
@@ -740,15 +744,16 @@ class PosteriorMeanOracle:
         m = mask.sum(dim=1).double()[:, None]  # (B, 1)
         t_g = torch.where(mask, t, 0.0).amax(dim=1).double().clamp(1e-9, 1 - 1e-9)
         k = self.kappa.kappa(t_g)[:, None]  # (B, 1)
-        n = torch.arange(len(self.p), dtype=torch.float64)[None]  # (1, N)
-        N, j = n - self.n_start, m - self.n_start  # binomial trials and successes
-        ok = (j <= N) & (self.p[None] > 0)
-        logpost = (self.p.log()[None] + torch.lgamma(N.clamp_min(0) + 1) - torch.lgamma(j + 1)
-                   - torch.lgamma((N - j).clamp_min(0) + 1) + torch.xlogy(j, k) + torch.xlogy(N - j, 1 - k))
+        p = self.p.to(t.device)
+        n = torch.arange(len(p), dtype=torch.float64, device=t.device)[None]  # (1, N) candidate lengths
+        trials, hits = n - self.n_start, m - self.n_start  # Binom(hits; trials, kappa(t_g))
+        ok = (hits <= trials) & (p[None] > 0)
+        logpost = (p.log()[None] + torch.lgamma(trials.clamp_min(0) + 1) - torch.lgamma(hits + 1)
+                   - torch.lgamma((trials - hits).clamp_min(0) + 1) + torch.xlogy(hits, k) + torch.xlogy(trials - hits, 1 - k))
         post = torch.softmax(torch.where(ok, logpost, -math.inf), dim=1).nan_to_num(0.0)  # (B, N)
         lam = (post * (n - m).clamp_min(0) / m).sum(dim=1)  # (B,)
         log_lam = lam.clamp_min(1e-12).log().float()[:, None].expand(mask.shape)
-        return torch.zeros_like(x_t), log_lam.to(t.device)
+        return torch.zeros_like(x_t), log_lam
 
 
 #################################################################################

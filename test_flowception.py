@@ -209,6 +209,8 @@ def test_training_state_bad_input():
         fc.sample_training_state(torch.tensor([5]), tau_g=2.0)
     with pytest.raises(ValueError, match="tau_density"):
         fc.sample_training_state(torch.tensor([5]), tau_density="beta")
+    with pytest.raises(ValueError, match="no frame is active"):  # would otherwise reject forever
+        fc.sample_training_state(torch.tensor([3, 5]), n_start=3, tau_g=1.0)
 
 
 @given(st.lists(st.integers(1, 9), min_size=1, max_size=6), st.integers(0, 2**16))
@@ -434,6 +436,21 @@ def test_insert_frames_places_new_frames_right_of_their_slot():
     assert capped.mask.sum(1).tolist() == [5, 2] and capped.refused.tolist() == [10, 0]
 
 
+def test_padded_slots_cannot_break_the_sampler():
+    """Whatever a model writes into padded slots (here exp(100) = inf rates and NaN velocities) is ignored."""
+
+    def model(x, t, mask, cond):
+        v, log_lam = _point_mass_model(2.0)(x, t, mask, cond)
+        return torch.where(mask[..., None, None, None], v, float("nan")), torch.where(mask, log_lam, 100.0)
+
+    for sampler in ("poisson", "bernoulli"):
+        out = fc.generate(model, 6, (1, 1, 1), steps=10, sampler=sampler, generator=gen(0))
+        assert all(torch.allclose(s.frames, torch.full_like(s.frames, 2.0), atol=1e-4) for s in out)
+    batch = _loss_batch(torch.tensor([[1, 0]]), torch.tensor([[True, False]]), active=torch.tensor([[True, False]]))
+    v = torch.tensor([0.0, float("inf")]).view(1, 2, 1, 1, 1)
+    assert torch.isfinite(fc.velocity_loss(v, batch)) and torch.isfinite(fc.rate_loss(torch.tensor([[0.0, 1e3]]), batch))
+
+
 def test_generate_bad_input():
     model = _point_mass_model(0.0)
     with pytest.raises(ValueError, match="steps"):
@@ -590,7 +607,10 @@ def test_checkpoint_errors(capsys, tmp_path):
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys):
-    """3 + 3 steps with a checkpoint in between end with the same weights as 6 steps in one go."""
+    """3 + 3 steps with a checkpoint in between end with the same weights as 6 steps in one go.
+
+    (The first 3 steps see the same learning rates in both runs: warm-up covers 100 steps.)
+    """
     common = ["--steps", "6", "--batch-size", "4", "--log-every", "1", "--ckpt-every", "3", "--dim", "32", "--depth", "1"]
     train.main(common + ["--out", str(tmp_path / "a")])
     train.main(common[:1] + ["3"] + common[2:] + ["--out", str(tmp_path / "b")])
@@ -603,6 +623,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
     code, _ = _run_cli(train.main, ["--preset", "taichi256", "--resume", "--out", str(tmp_path / "a")], capsys)
     assert "of preset 'toy', not 'taichi256'" in code
+    code, _ = _run_cli(train.main, common + ["--out", str(tmp_path / "a"), "--resume", "--dim", "64"], capsys)
+    assert "cannot resume with a different model shape: dim" in code
 
 
 #################################################################################

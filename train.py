@@ -57,11 +57,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def make_config(args):
-    """The preset with every given override applied (and validated by Config)."""
+def make_config(args, base=None):
+    """The preset (or a resumed run's config) with every given override applied, validated by Config."""
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(fc.Config)
                  if getattr(args, f.name, None) is not None}
-    return dataclasses.replace(fc.PRESETS[args.preset], **overrides)
+    base = base or fc.PRESETS[args.preset]
+    shape = ("channels", "height", "width", "patch", "dim", "depth", "heads", "mlp_ratio", "count_embedding")
+    changed = [k for k in shape if k in overrides and overrides[k] != getattr(base, k)]
+    if args.resume and changed:
+        raise ValueError(f"cannot resume with a different model shape: {', '.join(changed)}")
+    return dataclasses.replace(base, **overrides)
 
 
 def lr_at(step, cfg):
@@ -87,12 +92,16 @@ def save_checkpoint(path, model, ema, opt, step, cfg, preset, data_rng):
 
 
 def train(args):
-    cfg = make_config(args)
+    if world_size > 1:
+        raise ValueError("multi-process training (torchrun) is not built yet (issue 5); run one process")
     out = args.out or os.path.join("out", args.preset)
     ckpt_path = os.path.join(out, "ckpt.pt")
     ckpt = fc.load_checkpoint(ckpt_path) if args.resume else None
     if ckpt is not None and ckpt["preset"] != args.preset:
         raise ValueError(f"checkpoint {ckpt_path} is of preset {ckpt['preset']!r}, not {args.preset!r}")
+    if ckpt is not None and not {"optimizer", "data_rng"} <= set(ckpt):
+        raise ValueError(f"checkpoint {ckpt_path} has no optimizer or data state to resume from")
+    cfg = make_config(args, base=fc.Config.from_dict(ckpt["config"]) if ckpt else None)
     if cfg.data != "toy":
         raise ValueError(f"preset {args.preset!r} trains on LTX latents, whose loader is not built yet (issue 5)")
     device = torch.device(args.device)
@@ -115,11 +124,11 @@ def train(args):
     print0(f"preset {args.preset}: {n_params / 1e6:.2f}M parameters, {cfg.steps} steps of {cfg.batch_size} videos on {device}")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not master, dynamic_ncols=True)
-    t_log, sums = time.time(), torch.zeros(2)
+    t_log, sums, n_logged = time.time(), torch.zeros(2), 0
     for step in bar:
         # 1. a batch of clean videos, padded, with their lengths
         x_1, lengths = toy_data.sample_toy_videos(cfg.batch_size, data_rng)
-        x_1 = x_1[:, : int(lengths.max())].to(device)
+        x_1 = x_1[:, : int(lengths.max())]  # built on the CPU with the data generator, moved below
         # 2. where every frame stands in extended time (Section 4 / Algorithm 2)
         state = fc.sample_training_state(lengths, kappa, cfg.n_start, generator=data_rng, tau_density=cfg.tau_density)
         # 3. what the model sees: visible frames noised to their own times, stripped and padded
@@ -143,12 +152,13 @@ def train(args):
         update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
         # 6. log and checkpoint
         sums += torch.tensor([loss_v.item(), loss_r.item()])
-        done = step + 1
+        n_logged, done = n_logged + 1, step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            n = (done - 1) % cfg.log_every + 1
-            rate = n / (time.time() - t_log)
-            bar.write(f"step {done:6d} | velocity {sums[0] / n:.4f} | rate {sums[1] / n:.4f} | lr {lr:.2e} | {rate:.1f} steps/s") if master else None
-            t_log, sums = time.time(), torch.zeros(2)
+            speed = n_logged / (time.time() - t_log)
+            if master:
+                bar.write(f"step {done:6d} | velocity {sums[0] / n_logged:.4f} | rate {sums[1] / n_logged:.4f} | "
+                          f"lr {lr:.2e} | {speed:.1f} steps/s")
+            t_log, sums, n_logged = time.time(), torch.zeros(2), 0
         if master and (done % cfg.ckpt_every == 0 or done == cfg.steps):
             save_checkpoint(ckpt_path, model, ema, opt, done, cfg, args.preset, data_rng)
     print0(f"saved {ckpt_path}; sample it with: python sample.py --ckpt {ckpt_path}")
