@@ -3,11 +3,13 @@ Flowception: variable-length video generation that interleaves continuous flow-m
 frames with discrete, learned frame insertions (arXiv 2512.11438). Read this file top to bottom:
 
     config -> scheduler kappa -> extended-time training state -> losses -> DiT -> sampler
+    (with the exact posterior-mean oracle the tests use) -> checkpoints
 
 Conventions, used everywhere
 ----------------------------
 time    t = 0 is noise, t = 1 is data:  x_t = t * x_1 + (1 - t) * x_0,  velocity target  x_1 - x_0.
-shapes  B batch, F frames, C channels, H height, W width, L tokens per frame, D model width.
+shapes  B batch, F frames, C channels, H height, W width, L tokens per frame, D model width;
+        in the DiT every frame also carries one rate token, so a video is N = F * (L + 1) tokens.
 batches a set of variable-length videos is a padded tensor (B, F, C, H, W) plus a bool mask (B, F),
         True = a real frame. There is never a sentinel value inside the data.
 extended time
