@@ -299,7 +299,8 @@ def sample_training_state(lengths, kappa=None, n_start=1, tau_g=None, generator=
         score = torch.rand(R, F, generator=generator, device=device)  # uniform start subset
         score[:, 0] = -1.0  # frame 0 always ranks first
         score[~valid[rows]] = 2.0  # padding ranks last
-        start = score.argsort(dim=1).argsort(dim=1) < n_start  # (R, F)
+        rank = score.argsort(dim=1).argsort(dim=1)  # (R, F) each frame's rank by score
+        start = rank < n_start  # frame 0 plus n_start - 1 random real frames
         s[rows] = torch.where(start, 0.0, s_r)
         if not fixed:
             tau_g[rows] = sample_tau_g(R, tau_density, generator, device)
@@ -348,10 +349,11 @@ def make_training_batch(x_1, state, generator=None):
     t = state.t.to(x_1.dtype)[:, :, None, None, None]  # (B, F, 1, 1, 1)
     x_t = t * x_1 + (1 - t) * x_0  # (B, F, C, H, W)  Eq. (10)
     index, mask = strip_index(state.visible)
-    g = lambda z: gather_frames(z, index)  # noqa: E731
-    return TrainingBatch(x_t=g(x_t), cond=torch.zeros_like(g(x_t)), t=g(state.t), mask=mask,
-                         target=g(x_1 - x_0), active=g(state.active) & mask,
-                         can_insert=mask & (state.tau_g < 1)[:, None], K=g(state.K) * mask,
+    visible_only = lambda z: gather_frames(z, index)  # noqa: E731  (B, F, ...) -> (B, F', ...)
+    x_t = visible_only(x_t)
+    return TrainingBatch(x_t=x_t, cond=torch.zeros_like(x_t), t=visible_only(state.t), mask=mask,
+                         target=visible_only(x_1 - x_0), active=visible_only(state.active) & mask,
+                         can_insert=mask & (state.tau_g < 1)[:, None], K=visible_only(state.K) * mask,
                          tau_g=state.tau_g)
 
 
@@ -689,7 +691,7 @@ def generate(model, num_videos, frame_shape, kappa=None, n_start=1, steps=100, s
                          insert_time=torch.zeros(B, n_start, device=device), t_g=0.0, step=0,
                          refused=torch.zeros(B, dtype=torch.long, device=device))
     nfe = torch.zeros(B, dtype=torch.long, device=device)
-    k = 0
+    k = 0  # grid index: grid[k] == state.t_g while t_g < 1 (the insertion phase)
     while True:
         unfinished = ((state.t < 1) & state.mask).any(dim=1)  # (B,)
         if state.t_g >= 1 and not unfinished.any():
@@ -700,7 +702,7 @@ def generate(model, num_videos, frame_shape, kappa=None, n_start=1, steps=100, s
         if v.shape != x.shape or log_lam.shape != mask.shape:
             raise ValueError(f"model returned v {tuple(v.shape)} and log_lam {tuple(log_lam.shape)}; "
                              f"expected {tuple(x.shape)} and {tuple(mask.shape)}")
-        nfe += unfinished | (state.t_g < 1)
+        nfe += unfinished | (state.t_g < 1)  # a video counts the evaluations until it is clean
         # 2. flow step, Eq. (4); a frame reaching t = 1 takes exactly the remaining 1 - t_i
         t_next = grid[k + 1] if state.t_g < 1 else state.t_g + h
         dt = t_next - state.t_g
@@ -711,7 +713,7 @@ def generate(model, num_videos, frame_shape, kappa=None, n_start=1, steps=100, s
         t = torch.where(finishes, torch.ones_like(t), t + dt_i)
         state = SamplerState(x=x, t=t, mask=mask, insert_time=state.insert_time, t_g=t_next,
                              step=state.step + 1, refused=state.refused)
-        # 3. insertions to the right of every frame, while t_g < 1
+        # 3. insertions to the right of every frame, while t_g < 1 (Alg. 1 line 9; Eq. (34))
         if k + 1 < len(grid):
             p = float(kappa.reveal_prob(torch.tensor(grid[k]), torch.tensor(grid[k + 1])))
             rate = torch.where(mask, log_lam.float().exp() * p, 0.0)  # (B, F) expected insertions per slot
