@@ -22,18 +22,48 @@ rates   the model predicts, for every visible frame j, log lam_j, where lam_j es
         of frames still pending between frame j and the next visible frame (Corollary B.3). A pending
         frame is revealed between global times a < b with probability reveal_prob(a, b).
 """
+import heapq
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as nnf
+import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
 
 #################################################################################
 #                                   Config                                      #
 #################################################################################
+
+
+# Context patterns (Figure 4). A context frame is clean (t = 1), is given in both the noisy and the
+# conditioning stream, never moves, and is active (may insert to its right) or passive (may not).
+TASKS = {
+    "uncond": "no context",
+    "i2v": "frame 0 is an active context frame",
+    "interp": "first and last frame (passive) and 0-2 active anchors in between (not frame 1); the gaps are not given",
+    "extend": "a given first clip of 2..n/2 frames, passive except its last frame (video continuation)",
+}
+
+
+def parse_tasks(spec):
+    """'uncond:2,i2v:1' -> {'uncond': 2.0, 'i2v': 1.0}; a bare name has weight 1."""
+    mix = {}
+    for item in spec.split(","):
+        name, _, weight = item.strip().partition(":")
+        if name not in TASKS:
+            raise ValueError(f"unknown task {name!r} in {spec!r}; tasks are {', '.join(TASKS)}")
+        try:
+            mix[name] = float(weight or 1)
+        except ValueError:
+            raise ValueError(f"task weight {weight!r} in {spec!r} is not a number") from None
+        if mix[name] < 0:
+            raise ValueError(f"task weights must be >= 0, got {spec!r}")
+    if sum(mix.values()) <= 0:
+        raise ValueError(f"task mix {spec!r} has no positive weight")
+    return mix
 
 
 @dataclass(frozen=True)
@@ -64,9 +94,17 @@ class Config:
     tau_density: str = "uniform"  # law of tau_g on [0, 2]: "uniform", "logit_normal" or "late"
     rate_weight: float = 1.0  # total loss = velocity + rate_weight * insertion
     hazard_weight: bool = False
+    # tasks (Section 3.4): the context pattern of each training video is drawn from this mix of
+    # TASKS, e.g. "uncond:2,i2v:1,interp:1"; cond_dropout blanks the context (for guidance, Eq. 13)
+    tasks: str = "uncond"
+    cond_dropout: float = 0.0
+    full_sequence: bool = False  # the baseline: every frame a start frame, no insertions
+    gamma: float = 1.0  # per-frame time t = clip(tau, 0, 1)^gamma in training and sampling (Appendix E)
     # training
     steps: int = 3000
-    batch_size: int = 64
+    batch_size: int = 64  # videos per optimizer step, over all processes
+    grad_accum: int = 1  # micro-batches per process and step
+    checkpointing: bool = False  # activation checkpointing: recompute each block in backward
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.0
@@ -78,11 +116,11 @@ class Config:
 
     def __post_init__(self):
         positive = ("channels", "height", "width", "max_frames", "dim", "depth", "heads", "n_start",
-                    "steps", "batch_size", "log_every", "ckpt_every")
+                    "steps", "batch_size", "grad_accum", "log_every", "ckpt_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "mlp_ratio"):
+        for name in ("lr", "mlp_ratio", "gamma"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("window", "warmup", "weight_decay", "grad_clip", "rate_weight"):
@@ -90,6 +128,9 @@ class Config:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.cond_dropout < 1:
+            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        parse_tasks(self.tasks)
         if self.n_start > self.max_frames:
             raise ValueError(f"n_start={self.n_start} exceeds max_frames={self.max_frames}")
 
@@ -107,6 +148,10 @@ class Config:
 PRESETS = {
     # 3-pixel toy videos of Appendix F; 0.35M parameters; trains on 2 CPU cores in about 4 minutes.
     "toy": Config(steps=2000, batch_size=32, lr=2e-3, tau_density="late"),
+    # the same toy trained on every task of Figure 4 (unconditional, image-to-video, interpolation,
+    # continuation), with conditioning dropout for guidance; about 7 minutes on 2 CPU cores.
+    "toy_tasks": Config(steps=3000, batch_size=32, lr=2e-3, tau_density="late",
+                        tasks="uncond:1,i2v:1,interp:1,extend:1", cond_dropout=0.1),
     # the paper's 256 px Tai-Chi config over 128-channel LTX latents at 8x8: 1,627,827,073 parameters
     # (1,625,074,561 without the count embedding; the paper's "2.1B" adds a joint-attention text
     # stream and a SwiGLU MLP, see README).
@@ -219,12 +264,14 @@ class TrainingState:
     """Where every frame of a batch of videos stands at global time tau_g. Indexed by ORIGINAL frame."""
 
     tau_g: torch.Tensor  # (B,)    global extended time in [0, 2)
-    tau: torch.Tensor  # (B, F)    per-frame extended time tau_g - s_i
-    t: torch.Tensor  # (B, F)      per-frame flow time clip(tau, 0, 1)
+    tau: torch.Tensor  # (B, F)    per-frame extended time tau_g - s_i (context frames: s_i = 0)
+    t: torch.Tensor  # (B, F)      per-frame flow time clip(tau, 0, 1); 1 on context frames
     visible: torch.Tensor  # (B, F) bool, inserted by tau_g (tau >= 0)
-    active: torch.Tensor  # (B, F) bool, visible and still flowing (tau < 1)
+    active: torch.Tensor  # (B, F) bool, visible and still flowing (tau < 1, not context)
     K: torch.Tensor  # (B, F)      long, pending frames right of each visible frame (0 elsewhere)
     valid: torch.Tensor  # (B, F)  bool, i < n_b
+    context: torch.Tensor  # (B, F) bool, clean context frame given to the model
+    passive: torch.Tensor  # (B, F) bool, context frame that may not insert to its right
 
 
 def sample_tau_g(n, density="uniform", generator=None, device=None):
@@ -244,6 +291,40 @@ def sample_tau_g(n, density="uniform", generator=None, device=None):
     raise ValueError(f"tau_density must be 'uniform', 'logit_normal' or 'late', got {density!r}")
 
 
+def sample_context(lengths, tasks="uncond", generator=None):
+    """Draw a task per video from the mix and return its context pattern: context, passive (B, F) bool.
+
+    Frame 1 is never an interpolation anchor: the start frame lies between the first two anchors (see
+    sample_training_state), where the sampler puts it. sample_context draws on the CPU; pass a CPU
+    generator.
+    """
+    lengths = torch.as_tensor(lengths, dtype=torch.long)
+    B, F, device = lengths.numel(), int(lengths.max()), lengths.device
+    none = torch.zeros(B, F, dtype=torch.bool, device=device)
+    mix = parse_tasks(tasks)
+    if set(k for k, w in mix.items() if w > 0) == {"uncond"}:
+        return none, none.clone()
+    if lengths.min() < 3:
+        raise ValueError("context tasks need videos of at least 3 frames")
+    names = list(mix)
+    task = torch.multinomial(torch.tensor(list(mix.values())), B, replacement=True, generator=generator).to(device)
+    is_task = lambda name: (task == names.index(name))[:, None] if name in names else none[:, :1]  # noqa: E731
+    i, n = torch.arange(F, device=device), lengths[:, None]  # (F,), (B, 1)
+    # interp: anchors 0 and n-1 (the end: passive), plus k ~ U{0, 1, 2} anchors among frames 2..n-2
+    score = torch.rand(B, F, generator=generator).to(device)
+    inner = (i >= 2) & (i <= n - 2)
+    rank = torch.where(inner, score, 2.0).argsort(dim=1).argsort(dim=1)
+    k = torch.randint(0, 3, (B, 1), generator=generator).to(device)
+    interp = is_task("interp") & ((i == 0) | (i == n - 1) | (inner & (rank < k)))
+    # extend: the first j frames, j ~ U{2, ..., max(2, n // 2)}
+    j = 2 + (torch.rand(B, 1, generator=generator).to(device) * ((n // 2).clamp_min(2) - 1)).long()
+    extend = is_task("extend") & (i < j)
+    context = (is_task("i2v") & (i == 0)) | interp | extend
+    passive = (interp & (i == n - 1)) | (extend & (i < j - 1))
+    valid = i < n
+    return context & valid, passive & valid
+
+
 def pending_counts(visible, valid):
     """K_j: deleted frames between visible frame j and the next visible frame (or the video's end).
 
@@ -257,15 +338,23 @@ def pending_counts(visible, valid):
 
 
 def sample_training_state(lengths, kappa=None, n_start=1, tau_g=None, generator=None,
-                          tau_density="uniform"):
+                          tau_density="uniform", context=None, passive=None, full_sequence=False, gamma=1.0):
     """Draw the extended-time state of a batch of videos (Section 4 of the spec; Algorithm 2).
 
     lengths: (B,) long, n_b >= n_start. tau_g: None (drawn from `tau_density`), a float or a (B,)
     tensor fixing the global time, e.g. to compare laws at a given time in the tests.
+    context, passive: (B, F) bool context pattern (sample_context); default none.
 
-    1. s_i = kappa^-1(u_i) (Eq. 6). Frame 0 and n_start - 1 further frames, uniformly among 1..n-1,
-       are start frames with s_i = 0: nothing can ever be inserted left of frame 0.
-    2. tau_i = tau_g - s_i, t_i = clip(tau_i, 0, 1) (Eqs. 7-8).
+    1. s_i = kappa^-1(u_i) (Eq. 6). Start frames and context frames have s_i = 0. Without context,
+       frame 0 is a start frame (nothing can ever be inserted left of it) and n_start - 1 more are
+       uniform among frames 1..n-1. A video that begins with context has exactly one start frame,
+       uniform among the free frames of its first gap (up to the next context frame): it is the
+       model's clock (its t is t_g), and the sampler knows where it goes, right after the leading
+       context frames, which insert to its left (they are active). full_sequence: every free frame
+       is a start frame (the baseline).
+    2. tau_i = tau_g - s_i, t_i = clip(tau_i, 0, 1) (Eqs. 7-8); context frames have t_i = 1.
+       gamma != 1: t_i = clip(tau_i, 0, 1)^gamma, the reparameterisation of Appendix E, so that a
+       sampler run with the same gamma visits exactly the states trained on.
     3. A row where no frame is active is a state the sampler never visits (it stops once every frame
        is clean). Such rows redraw (tau_g, s) TOGETHER, which conditions the joint law on "not
        finished". The paper's shortcut tau_g ~ U(0, max_i s_i + 1) instead tilts the law of s by
@@ -280,16 +369,34 @@ def sample_training_state(lengths, kappa=None, n_start=1, tau_g=None, generator=
     if lengths.min() < n_start:
         raise ValueError(f"lengths must all be >= n_start={n_start}, got min {lengths.min().item()}")
     device, B, F = lengths.device, lengths.numel(), int(lengths.max())
+    valid = torch.arange(F, device=device) < lengths[:, None]  # (B, F)
+    context = valid & (context if context is not None else torch.zeros_like(valid))
+    passive = valid & (passive if passive is not None else torch.zeros_like(valid))
+    free = valid & ~context  # frames the model generates
+    if (passive & ~context).any():
+        raise ValueError("passive frames must be context frames")
+    if (passive[:, :-1] & valid[:, 1:] & ~context[:, 1:]).any():
+        raise ValueError("a passive frame must be followed by a context frame or end the video: "
+                         "the frames after it could never be inserted")
+    if not free.any(dim=1).all():
+        raise ValueError("every video needs at least one frame that is not context")
+    leading = context[:, 0]  # (B,) the video begins with context
+    n_starts = torch.where(context.any(dim=1), 1, n_start)  # (B,)
+    if full_sequence:
+        n_starts = torch.full_like(n_starts, F)
+    after_free = free.cumsum(dim=1) > 0  # (B, F) at or after the first free frame
+    first_gap = free & ((context & after_free).cumsum(dim=1) == 0)  # free frames before the next context
+    eligible = free if full_sequence else torch.where(leading[:, None], first_gap, free)  # (B, F) may start
+    first_free = free & (free.cumsum(dim=1) == 1) & ~leading[:, None]  # a free frame 0 (or first) must start
     fixed = tau_g is not None
     if fixed:
         tau_g = torch.as_tensor(tau_g, dtype=torch.float32, device=device).expand(B).clone()
         if tau_g.min() < 0 or tau_g.max() >= 2:
             raise ValueError("a fixed tau_g must lie in [0, 2)")
-        if ((tau_g >= 1) & (lengths == n_start)).any():  # every frame is a start frame: all clean
+        if ((tau_g >= 1) & (free.sum(dim=1) <= n_starts)).any():  # every free frame starts: all clean
             raise ValueError("a fixed tau_g >= 1 needs lengths > n_start: otherwise no frame is active")
     else:
         tau_g = torch.empty(B, device=device)
-    valid = torch.arange(F, device=device) < lengths[:, None]  # (B, F)
     s = torch.empty(B, F, device=device)
     redraw = torch.ones(B, dtype=torch.bool, device=device)
     while redraw.any():  # rejection: a shrinking set of rows, vectorised within each round
@@ -297,19 +404,20 @@ def sample_training_state(lengths, kappa=None, n_start=1, tau_g=None, generator=
         R = rows.numel()
         s_r = kappa.inverse(torch.rand(R, F, generator=generator, device=device))  # Eq. (6)
         score = torch.rand(R, F, generator=generator, device=device)  # uniform start subset
-        score[:, 0] = -1.0  # frame 0 always ranks first
-        score[~valid[rows]] = 2.0  # padding ranks last
+        score[first_free[rows]] = -1.0  # a free first frame always ranks first
+        score[~eligible[rows]] = 2.0  # context, padding and frames that cannot start rank last
         rank = score.argsort(dim=1).argsort(dim=1)  # (R, F) each frame's rank by score
-        start = rank < n_start  # frame 0 plus n_start - 1 random real frames
-        s[rows] = torch.where(start, 0.0, s_r)
+        start = eligible[rows] & (rank < n_starts[rows, None])
+        s[rows] = torch.where(start | context[rows], 0.0, s_r)
         if not fixed:
             tau_g[rows] = sample_tau_g(R, tau_density, generator, device)
         tau_r = tau_g[rows, None] - s[rows]  # (R, F)
-        redraw[rows] = ~(valid[rows] & (tau_r >= 0) & (tau_r < 1)).any(dim=1)
+        redraw[rows] = ~(free[rows] & (tau_r >= 0) & (tau_r < 1)).any(dim=1)
     tau = tau_g[:, None] - s  # (B, F)  Eq. (7)
     visible = valid & (tau >= 0)
-    return TrainingState(tau_g=tau_g, tau=tau, t=tau.clamp(0, 1), visible=visible,
-                         active=visible & (tau < 1), K=pending_counts(visible, valid), valid=valid)
+    return TrainingState(tau_g=tau_g, tau=tau, t=torch.where(context, 1.0, tau.clamp(0, 1) ** gamma), visible=visible,
+                         active=visible & (tau < 1) & ~context, K=pending_counts(visible, valid), valid=valid,
+                         context=context, passive=passive)
 
 
 def strip_index(keep):
@@ -343,18 +451,28 @@ class TrainingBatch:
     tau_g: torch.Tensor  # (B,)
 
 
-def make_training_batch(x_1, state, generator=None):
-    """Noise the clean videos x_1 (B, F, C, H, W) at the state's times and strip deleted frames."""
+def make_training_batch(x_1, state, generator=None, cond_dropout=0.0):
+    """Noise the clean videos x_1 (B, F, C, H, W) at the state's times and strip deleted frames.
+
+    Context frames are clean (t = 1) and appear in both streams. With probability cond_dropout a
+    video's context is dropped: its context frames become zeros in both streams but keep their place
+    and t = 1, which trains the unconditional model that guidance needs (Eq. 13).
+    """
     x_0 = torch.randn(x_1.shape, generator=generator, device=x_1.device, dtype=x_1.dtype)
     t = state.t.to(x_1.dtype)[:, :, None, None, None]  # (B, F, 1, 1, 1)
-    x_t = t * x_1 + (1 - t) * x_0  # (B, F, C, H, W)  Eq. (10)
+    x_t = t * x_1 + (1 - t) * x_0  # (B, F, C, H, W)  Eq. (10); x_1 itself where t = 1
+    context = state.context
+    if cond_dropout > 0:
+        drop = torch.rand(x_1.shape[0], generator=generator, device=x_1.device) < cond_dropout  # (B,)
+        x_t = torch.where((context & drop[:, None])[:, :, None, None, None], 0.0, x_t)
+        context = context & ~drop[:, None]
+    cond = torch.where(context[:, :, None, None, None], x_1, 0.0)  # (B, F, C, H, W)
     index, mask = strip_index(state.visible)
     visible_only = lambda z: gather_frames(z, index)  # noqa: E731  (B, F, ...) -> (B, F', ...)
-    x_t = visible_only(x_t)
-    return TrainingBatch(x_t=x_t, cond=torch.zeros_like(x_t), t=visible_only(state.t), mask=mask,
+    return TrainingBatch(x_t=visible_only(x_t), cond=visible_only(cond), t=visible_only(state.t), mask=mask,
                          target=visible_only(x_1 - x_0), active=visible_only(state.active) & mask,
-                         can_insert=mask & (state.tau_g < 1)[:, None], K=visible_only(state.K) * mask,
-                         tau_g=state.tau_g)
+                         can_insert=mask & ~visible_only(state.passive) & (state.tau_g < 1)[:, None],
+                         K=visible_only(state.K) * mask, tau_g=state.tau_g)
 
 
 #################################################################################
@@ -362,23 +480,24 @@ def make_training_batch(x_1, state, generator=None):
 #################################################################################
 
 
-def velocity_loss(v, batch):
+def velocity_loss(v, batch, count=None):
     """Squared error to x_1 - x_0 on active frames, mean over ALL active frames of the batch (Eq. 12).
 
     A per-video mean over-weights videos with few active frames and biases towards under-insertion
-    (paper, Appendix E).
+    (paper, Appendix E). count: the number of active frames to divide by (default: this batch's);
+    train.py passes the global batch's, so micro-batches and processes add up to the global mean.
     """
     err = (v.float() - batch.target.float()).pow(2).flatten(2).mean(dim=2)  # (B, F')
     err = torch.where(batch.active, err, 0.0)  # where, not a product: padding may hold inf
-    return err.sum() / batch.active.sum().clamp_min(1)
+    return err.sum() / (batch.active.sum().clamp_min(1) if count is None else count)
 
 
-def rate_loss(log_lam, batch, kappa=None, hazard_weight=False):
+def rate_loss(log_lam, batch, kappa=None, hazard_weight=False, count=None):
     """Poisson NLL lam - K log lam on insertion-capable slots while tau_g < 1 (Eqs. 20, 24).
 
     Computed from log lam in fp32 (lam = exp(log lam), Eq. 11): no log(exp(x) + eps). Its minimiser
     is E[K_j | x_t] (Corollary B.3). hazard_weight multiplies each slot by dkappa/(1-kappa) at tau_g
-    (Eq. 19); off by default, as the paper recommends.
+    (Eq. 19); off by default, as the paper recommends. count: as in velocity_loss, for the slots.
     """
     log_lam = log_lam.float()
     nll = log_lam.exp() - batch.K.float() * log_lam  # (B, F')
@@ -386,7 +505,7 @@ def rate_loss(log_lam, batch, kappa=None, hazard_weight=False):
         kappa = kappa or LinearKappa()
         nll = nll * kappa.hazard(batch.tau_g.clamp(0, 1 - 1e-4).float())[:, None]
     nll = torch.where(batch.can_insert, nll, 0.0)  # where, not a product: padding may hold inf
-    return nll.sum() / batch.can_insert.sum().clamp_min(1)
+    return nll.sum() / (batch.can_insert.sum().clamp_min(1) if count is None else count)
 
 
 #################################################################################
@@ -555,7 +674,10 @@ class Flowception(nn.Module):
         cos, sin = angles.cos()[None, None], angles.sin()[None, None]  # (1, 1, N, hd/2)
         attn_mask = self.attention_mask(mask, L1)
         for block in self.blocks:
-            x = block(x, c, cos, sin, attn_mask)  # (B, F, L+1, D)
+            if cfg.checkpointing and torch.is_grad_enabled():  # keep only block inputs; recompute in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, c, cos, sin, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, c, cos, sin, attn_mask)  # (B, F, L+1, D)
         shift, scale = self.final_modulation(c)[:, :, None].chunk(2, dim=-1)  # (B, F, 1, D)
         x = modulate(self.final_norm(x), shift, scale)  # (B, F, L+1, D) final adaLN, rate token too
         out = self.final_linear(x[:, :, :-1])  # (B, F, L, p*q*C)
@@ -607,11 +729,14 @@ class SamplerState:
     """The batch being generated, handed to `callback` after every step."""
 
     x: torch.Tensor  # (B, F, C, H, W)
-    t: torch.Tensor  # (B, F)           per-frame flow time
+    t: torch.Tensor  # (B, F)           per-frame flow time (1 on context frames)
+    u: torch.Tensor  # (B, F)           per-frame solver coordinate, t = u^gamma (Appendix E)
     mask: torch.Tensor  # (B, F)        bool, real frame
+    context: torch.Tensor  # (B, F)     bool, clean context frame (never moves)
+    passive: torch.Tensor  # (B, F)     bool, context frame that may not insert to its right
     insert_time: torch.Tensor  # (B, F) global time at which the frame was inserted (0: start frame)
     t_g: float  # global time after this step (keeps growing past 1 while frames finish)
-    step: int  # number of model evaluations so far
+    step: int  # number of sampler steps so far
     refused: torch.Tensor  # (B,)       insertions refused so far by the max_frames cap
 
 
@@ -621,8 +746,68 @@ class Sample:
 
     frames: torch.Tensor  # (F_i, C, H, W)
     insert_time: torch.Tensor  # (F_i,)
-    nfe: int  # model evaluations until this video was finished
+    nfe: int  # model evaluations until this video was finished (two per step with guidance)
     refused: int  # insertions refused by the max_frames cap
+    context: torch.Tensor = None  # (F_i,) bool, the prompt's context frames
+
+
+@dataclass
+class Prompt:
+    """What generation starts from, in order: clean context frames and noise start frames (Figure 4).
+
+    The values of start frames are ignored (they are drawn as noise). make_prompt builds the tasks'.
+    """
+
+    frames: torch.Tensor  # (B, F0, C, H, W)
+    context: torch.Tensor  # (B, F0) bool, True: context frame (t = 1); False: start frame (t = 0)
+    passive: torch.Tensor  # (B, F0) bool, context frames that may not insert to their right
+
+
+def make_prompt(task, frames):
+    """The prompt of a task from its context frames (B, A, C, H, W), with the one start frame where
+    sample_training_state puts it: the first frame that is not context.
+
+    i2v:    A = 1: the frame (active), then the start frame;
+    interp: A >= 2 anchors in order: the first, the start frame, the middle anchors (active), the
+            last (passive). How many frames go between the anchors is left to the model;
+    extend: a clip given frame by frame (passive, but its last frame active), then the start frame.
+    """
+    frames = torch.as_tensor(frames)
+    if frames.ndim != 5:
+        raise ValueError(f"context frames must be (B, A, C, H, W), got shape {tuple(frames.shape)}")
+    B, A = frames.shape[:2]
+    if task == "i2v" and A == 1:
+        passive, at = [False], 1
+    elif task == "interp" and A >= 2:
+        passive, at = [False] * (A - 1) + [True], 1
+    elif task == "extend" and A >= 1:
+        passive, at = [True] * (A - 1) + [False], A
+    elif task in ("i2v", "interp", "extend"):
+        need = {"i2v": "exactly 1 frame", "interp": "at least 2 anchors (first and last)", "extend": "at least 1 frame"}
+        raise ValueError(f"{task} needs {need[task]}, got {A}")
+    else:
+        raise ValueError(f"task must be 'i2v', 'interp' or 'extend', got {task!r}")
+    frames = torch.cat([frames[:, :at], torch.zeros_like(frames[:, :1]), frames[:, at:]], dim=1)  # (B, A+1, ...)
+    context = torch.arange(A + 1, device=frames.device) != at
+    passive = torch.tensor(passive[:at] + [False] + passive[at:], device=frames.device)
+    return Prompt(frames=frames, context=context.expand(B, -1).clone(), passive=passive.expand(B, -1).clone())
+
+
+def check_prompt(prompt, B, frame_shape):
+    """Raise a ValueError unless the prompt is one that training can produce (sample_training_state)."""
+    frames, ctx, passive = prompt.frames, prompt.context, prompt.passive
+    if frames.ndim != 5 or frames.shape[0] != B or tuple(frames.shape[2:]) != tuple(frame_shape):
+        raise ValueError(f"prompt frames must be ({B}, F0, {', '.join(map(str, frame_shape))}), got {tuple(frames.shape)}")
+    for name, m in (("context", ctx), ("passive", passive)):
+        if m.dtype != torch.bool or tuple(m.shape) != tuple(frames.shape[:2]):
+            raise ValueError(f"prompt.{name} must be a bool tensor of shape {tuple(frames.shape[:2])}, got {m.dtype} {tuple(m.shape)}")
+    free = (~ctx).sum(dim=1)  # (B,)
+    if (free == 0).any():
+        raise ValueError("a prompt needs a start frame (a frame that is not context)")
+    if (ctx.any(dim=1) & (free != 1)).any():
+        raise ValueError("a prompt with context frames has exactly one start frame (make_prompt places it)")
+    if (passive & ~ctx).any() or (passive[:, :-1] & ~ctx[:, 1:]).any():
+        raise ValueError("passive frames must be context frames followed by context frames or the end")
 
 
 def insert_frames(state, n_new, t_g, max_frames, generator=None):
@@ -633,7 +818,7 @@ def insert_frames(state, n_new, t_g, max_frames, generator=None):
     Insertions that would take a video past max_frames are refused, leftmost slots first served; real
     frames are never evicted. Returns the new state; state.refused counts what was refused.
     """
-    x, t, mask = state.x, state.t, state.mask
+    x, mask = state.x, state.mask
     B, F = mask.shape
     n_new = n_new.long() * mask
     n = mask.sum(dim=1)  # (B,)
@@ -643,34 +828,127 @@ def insert_frames(state, n_new, t_g, max_frames, generator=None):
     shift = kept.cumsum(dim=1) - kept  # (B, F) frames inserted before old frame j
     n_total = n + kept.sum(dim=1)
     F_new = int(n_total.max())
+    mask_new = torch.arange(F_new, device=x.device) < n_total[:, None]  # (B, F_new)
     rows = torch.arange(B, device=x.device)[:, None].expand(B, F)[mask]
     pos = (torch.arange(F, device=x.device) + shift)[mask]  # where each old frame goes
-    x_new = torch.randn((B, F_new, *x.shape[2:]), generator=generator, device=x.device, dtype=x.dtype)
-    t_frames = torch.zeros(B, F_new, device=x.device, dtype=t.dtype)  # new frames start at t = 0
-    ins = torch.full((B, F_new), t_g, device=x.device, dtype=state.insert_time.dtype)
-    x_new[rows, pos], t_frames[rows, pos], ins[rows, pos] = x[mask], t[mask], state.insert_time[mask]
-    mask_new = torch.arange(F_new, device=x.device) < n_total[:, None]
-    return SamplerState(x=x_new * mask_new[..., None, None, None], t=t_frames, mask=mask_new,
-                        insert_time=ins * mask_new, t_g=t_g, step=state.step,
-                        refused=state.refused + (n_new - kept).sum(dim=1))
+
+    def move(old, new):  # old (B, F, ...) into new (B, F_new, ...), which holds the new frames' values
+        new[rows, pos] = old[mask]
+        return torch.where(mask_new.view(B, F_new, *[1] * (new.ndim - 2)), new, torch.zeros_like(new))
+
+    fill = lambda old, value: torch.full((B, F_new), value, dtype=old.dtype, device=x.device)  # noqa: E731
+    noise = torch.randn((B, F_new, *x.shape[2:]), generator=generator, device=x.device, dtype=x.dtype)
+    return SamplerState(x=move(x, noise), t=move(state.t, fill(state.t, 0)), u=move(state.u, fill(state.u, 0)),
+                        mask=mask_new, context=move(state.context, fill(state.context, False)),
+                        passive=move(state.passive, fill(state.passive, False)),
+                        insert_time=move(state.insert_time, fill(state.insert_time, t_g)), t_g=t_g,
+                        step=state.step, refused=state.refused + (n_new - kept).sum(dim=1))
+
+
+# Where new frames go. 'learned' is Flowception: the rate head. The others are Table 2's
+# data-independent baselines for a given target length; 'full_sequence' is full-sequence flow
+# matching: every frame is there from t_g = 0 and nothing is inserted.
+ORDERS = ("learned", "random", "hierarchical", "left_to_right", "full_sequence")
+
+
+def bisection_order(first, last):
+    """Positions first..last in Table 2's 'hierarchical' order: repeatedly the middle of the largest
+    run of positions not inserted yet (ties: leftmost)."""
+    order, runs = [], [(-(last - first + 1), first, last)]
+    while runs:
+        _, a, b = heapq.heappop(runs)
+        mid = (a + b) // 2
+        order.append(mid)
+        runs += [(-(hi - lo + 1), lo, hi) for lo, hi in ((a, mid - 1), (mid + 1, b)) if lo <= hi]
+        heapq.heapify(runs)
+    return order
+
+
+def insertion_plan(order, lengths, F0, generator=None):
+    """(B, N) rank at which each final frame position is revealed under a data-independent order.
+
+    Video b ends with lengths[b] frames: positions 0..F0-1 are the prompt (rank -1), positions
+    F0..n-1 are revealed as the order says (rank 0, 1, ...), positions past n never (rank N).
+    """
+    B, N, device = lengths.numel(), int(lengths.max()), lengths.device
+    pos = torch.arange(N, device=device).expand(B, N)
+    pending = (pos >= F0) & (pos < lengths[:, None])  # (B, N)
+    if order == "left_to_right":
+        key = pos.float()
+    elif order == "random":
+        key = torch.rand(B, N, generator=generator, device=device)
+    else:  # hierarchical
+        key = torch.zeros(B, N)
+        for b, n in enumerate(lengths.tolist()):
+            key[b, bisection_order(F0, n - 1)] = torch.arange(float(n - F0))
+        key = key.to(device)
+    rank = torch.where(pending, key, math.inf).argsort(dim=1).argsort(dim=1)  # pending first, in order
+    return torch.where(pending, rank, torch.where(pos < F0, -1, N))
+
+
+def planned_insertions(plan, revealed, p, F, generator=None):
+    """n_new (B, F) for a data-independent order, and the new count of revealed frames (B,).
+
+    Binomial(pending, p) frames are revealed this step, the same count law as learned insertions;
+    which ones the plan says. Each goes right of the last frame already there on its left.
+    """
+    B, N = plan.shape
+    pending = (plan >= revealed[:, None]) & (plan < N)  # (B, N)
+    coins = torch.rand(B, N, generator=generator, device=plan.device) < p
+    count = (coins & (torch.arange(N, device=plan.device) < pending.sum(dim=1)[:, None])).sum(dim=1)  # (B,)
+    old = plan < revealed[:, None]  # (B, N) prompt and earlier reveals: the frames there now
+    new = pending & (plan < (revealed + count)[:, None])
+    owner = old.long().cumsum(dim=1) - 1  # (B, N) index of the last present frame at or left of q
+    n_new = torch.zeros(B, max(N, F), dtype=torch.long, device=plan.device)
+    return n_new.scatter_add_(1, owner.clamp_min(0), new.long())[:, :F], revealed + count
+
+
+def guided_forward(model, state, rate_guidance=1.0, cfg_scale=1.0):
+    """The model on the sampler state -> (v, log_lam); with guidance also without the context.
+
+    Conditional pass: context frames in both streams. Unconditional pass: context frames blanked in
+    both, keeping their place and t = 1, as conditioning dropout does in training. Then
+    rate guidance (Eq. 13) in log space, log lam = w log lam_c + (1 - w) log lam_u, and
+    velocity CFG, v = v_u + s (v_c - v_u). Both passes run as one batch of 2B.
+    """
+    ctx = state.context[:, :, None, None, None]  # (B, F, 1, 1, 1)
+    x, cond = state.x, torch.where(ctx, state.x, 0.0)
+    if (rate_guidance == 1 and cfg_scale == 1) or not state.context.any():
+        return model(x, state.t, state.mask, cond)
+    two = lambda a, b: torch.cat([a, b])  # noqa: E731
+    v, log_lam = model(two(x, torch.where(ctx, 0.0, x)), two(state.t, state.t), two(state.mask, state.mask),
+                       two(cond, torch.zeros_like(cond)))
+    (v_c, v_u), (log_lam_c, log_lam_u) = v.chunk(2), log_lam.chunk(2)
+    return v_u + cfg_scale * (v_c - v_u), rate_guidance * log_lam_c + (1 - rate_guidance) * log_lam_u
 
 
 @torch.no_grad()
 def generate(model, num_videos, frame_shape, kappa=None, n_start=1, steps=100, sampler="poisson",
              max_reveal_prob=0.1, max_frames=64, generator=None, callback=None, device=None,
-             dtype=torch.float32):
+             dtype=torch.float32, prompt=None, rate_guidance=1.0, cfg_scale=1.0, gamma=1.0,
+             order="learned", lengths=None):
     """Generate variable-length videos: interleave Euler flow steps with frame insertions (Alg. 1).
 
     model: any callable model(x_t, t, mask, cond) -> (v, log_lam), shapes as in the module docstring.
+    prompt: the context and start frames to begin from (make_prompt); None: n_start start frames
+    (n_start is only used then).
     Each step, for all videos at once:
-      1. one forward pass -> v, log lam;
-      2. flow (Eq. 4): every unfinished frame moves by dt_i = min(dt, 1 - t_i): x_i += dt_i v_i;
-      3. while t_g < 1: insertions right of every frame with p = reveal_prob(t_g, t_g + dt):
+      1. one forward pass -> v, log lam (two with guidance: rate_guidance w, Eq. 13; cfg_scale s);
+      2. flow (Eq. 4): every unfinished frame advances its solver coordinate u_i by
+         du_i = min(du, 1 - u_i) and moves x_i += (t_i' - t_i) v_i with t = u^gamma (Appendix E;
+         gamma = 1: t = u). Context frames never move;
+      3. while t_g < 1: insertions right of every active frame with p = reveal_prob(t_g, t_g + du):
          'bernoulli' (Alg. 1) one frame w.p. min(1, lam_j p); 'poisson' (App. B.3) Poisson(lam_j p);
-         inserted frames are N(0, I) with t = 0;
+         inserted frames are N(0, I) with t = u = 0;
       4. t_g advances along `time_grid` (steps of 1/steps, capped reveal probability), then by
          h = 1/steps once t_g >= 1; the loop ends when every frame is clean.
-    max_reveal_prob = 1 gives exactly Algorithm 1's uniform grid. Returns a list of `Sample`.
+    max_reveal_prob = 1 gives exactly Algorithm 1's uniform grid.
+    gamma != 1 gives new frames smaller flow steps (Appendix E). The model then sees per-frame times
+    t = (t_g - s_i)^gamma: exact for a model trained with the same gamma (Config.gamma), a departure
+    from the training law for one trained with gamma = 1 (measured in the README).
+    order: 'learned', or one of ORDERS with target `lengths` (int or (B,)), see ORDERS. Planned
+    orders keep the learned sampler's time grid, so that their frames get the same flow steps.
+    Returns a list of `Sample`.
     """
     kappa = kappa or LinearKappa()
     if sampler not in ("poisson", "bernoulli"):
@@ -679,83 +957,126 @@ def generate(model, num_videos, frame_shape, kappa=None, n_start=1, steps=100, s
         raise ValueError(f"n_start must be >= 1, got {n_start}")
     if num_videos < 1:
         raise ValueError(f"num_videos must be >= 1, got {num_videos}")
-    if max_frames < n_start:
-        raise ValueError(f"max_frames must be >= n_start={n_start}, got {max_frames}")
+    if rate_guidance < 0 or cfg_scale < 0:
+        raise ValueError(f"guidance scales must be >= 0, got rate_guidance={rate_guidance}, cfg_scale={cfg_scale}")
+    if not gamma > 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    if order != "learned" and lengths is None:
+        raise ValueError(f"order {order!r} needs target lengths")
     grid = time_grid(kappa, steps, max_reveal_prob)  # also validates steps and max_reveal_prob
-    h = 1.0 / steps
-    B = num_videos
+    h, B = 1.0 / steps, num_videos
     device = device if device is not None else (generator.device if generator is not None else "cpu")
-    shape = (B, n_start, *frame_shape)
-    state = SamplerState(x=torch.randn(shape, generator=generator, device=device, dtype=dtype),
-                         t=torch.zeros(B, n_start, device=device), mask=torch.ones(B, n_start, dtype=torch.bool, device=device),
-                         insert_time=torch.zeros(B, n_start, device=device), t_g=0.0, step=0,
+    if prompt is None:  # unconditional: n_start start frames
+        zeros = torch.zeros(B, n_start, dtype=torch.bool, device=device)
+        prompt = Prompt(frames=torch.zeros(B, n_start, *frame_shape, device=device), context=zeros, passive=zeros)
+    check_prompt(prompt, B, frame_shape)
+    ctx, passive = prompt.context.to(device), prompt.passive.to(device)  # (B, F0)
+    F0 = ctx.shape[1]
+    if F0 > max_frames:
+        raise ValueError(f"max_frames must be >= the prompt's {F0} frames, got {max_frames}")
+    noise = torch.randn((B, F0, *frame_shape), generator=generator, device=device, dtype=dtype)
+    state = SamplerState(x=torch.where(ctx[..., None, None, None], prompt.frames.to(device, dtype), noise),
+                         t=ctx.float(), u=ctx.float(), mask=torch.ones_like(ctx), context=ctx, passive=passive,
+                         insert_time=torch.zeros(B, F0, device=device), t_g=0.0, step=0,
                          refused=torch.zeros(B, dtype=torch.long, device=device))
+    plan = None
+    if order != "learned":
+        lengths = torch.as_tensor(lengths, device=device).long().expand(B)
+        if lengths.min() < F0 or lengths.max() > max_frames:
+            raise ValueError(f"target lengths must lie in [{F0}, max_frames={max_frames}], got {lengths.min()}..{lengths.max()}")
+        after_start = ctx & ((~ctx).long().cumsum(dim=1) > 0)  # context right of the first start frame
+        if after_start.any():
+            raise ValueError(f"order {order!r} puts new frames right of the prompt; prompts with context "
+                             "after the start frame (interp) need order='learned'")
+        if order == "full_sequence":  # every frame there from the start: the baseline
+            grid = time_grid(kappa, steps, 1.0)
+            n_new = torch.zeros(B, F0, dtype=torch.long, device=device)
+            n_new[:, -1] = lengths - F0
+            state = insert_frames(state, n_new, 0.0, max_frames, generator)
+        else:
+            plan, revealed = insertion_plan(order, lengths, F0, generator), torch.zeros_like(lengths)
+    guided = bool(ctx.any()) and (cfg_scale != 1 or (rate_guidance != 1 and order == "learned"))
+    rate_guidance = rate_guidance if order == "learned" else 1.0  # planned orders ignore the rate
     nfe = torch.zeros(B, dtype=torch.long, device=device)
     k = 0  # grid index: grid[k] == state.t_g while t_g < 1 (the insertion phase)
     while True:
         unfinished = ((state.t < 1) & state.mask).any(dim=1)  # (B,)
         if state.t_g >= 1 and not unfinished.any():
             break
-        # 1. one forward pass
-        x, t, mask = state.x, state.t, state.mask
-        v, log_lam = model(x, t, mask, torch.zeros_like(x))
-        if v.shape != x.shape or log_lam.shape != mask.shape:
+        # 1. one forward pass (two with guidance)
+        v, log_lam = guided_forward(model, state, rate_guidance, cfg_scale)
+        if v.shape != state.x.shape or log_lam.shape != state.mask.shape:
             raise ValueError(f"model returned v {tuple(v.shape)} and log_lam {tuple(log_lam.shape)}; "
-                             f"expected {tuple(x.shape)} and {tuple(mask.shape)}")
-        nfe += unfinished | (state.t_g < 1)  # a video counts the evaluations until it is clean
-        # 2. flow step, Eq. (4); a frame reaching t = 1 takes exactly the remaining 1 - t_i
+                             f"expected {tuple(state.x.shape)} and {tuple(state.mask.shape)}")
+        nfe += (unfinished | (state.t_g < 1)) * (2 if guided else 1)  # evaluations until a video is clean
+        # 2. flow step, Eq. (4), on the solver coordinate; a frame reaching u = 1 takes exactly 1 - u_i
         t_next = grid[k + 1] if state.t_g < 1 else state.t_g + h
-        dt = t_next - state.t_g
-        finishes = (dt >= (1 - t) - 1e-6) & mask  # 1e-6: float slack so k * h lands on 1
-        dt_i = torch.where(finishes, 1 - t, torch.full_like(t, dt)) * mask  # (B, F)
+        du = t_next - state.t_g
+        mask = state.mask
+        finishes = (du >= (1 - state.u) - 1e-6) & mask  # 1e-6: float slack so k * h lands on 1
+        u = torch.where(finishes, 1.0, torch.where(mask, state.u + du, 0.0))  # (B, F)
+        t = u**gamma  # (B, F)  Appendix E; exactly u for gamma = 1
+        dt_i = t - state.t  # (B, F)  0 for context, finished and padded frames
         moving = (dt_i > 0)[..., None, None, None]  # frozen and padded frames ignore v (even NaN)
-        x = torch.where(moving, x + dt_i[..., None, None, None].to(x.dtype) * v, x)
-        t = torch.where(finishes, torch.ones_like(t), t + dt_i)
-        state = SamplerState(x=x, t=t, mask=mask, insert_time=state.insert_time, t_g=t_next,
-                             step=state.step + 1, refused=state.refused)
-        # 3. insertions to the right of every frame, while t_g < 1 (Alg. 1 line 9; Eq. (34))
+        x = torch.where(moving, state.x + dt_i[..., None, None, None].to(state.x.dtype) * v, state.x)
+        state = replace(state, x=x, t=t, u=u, t_g=t_next, step=state.step + 1)
+        # 3. insertions to the right of every active frame, while t_g < 1 (Alg. 1 line 9; Eq. (34))
         if k + 1 < len(grid):
             p = float(kappa.reveal_prob(torch.tensor(grid[k]), torch.tensor(grid[k + 1])))
-            rate = torch.where(mask, log_lam.float().exp() * p, 0.0)  # (B, F) expected insertions per slot
-            if sampler == "poisson":
-                n_new = torch.poisson(rate, generator=generator)
+            if plan is not None:
+                n_new, revealed = planned_insertions(plan, revealed, p, mask.shape[1], generator)
             else:
-                n_new = torch.bernoulli(rate.clamp(max=1), generator=generator)
+                rate = torch.where(mask & ~state.passive, log_lam.float().exp() * p, 0.0)  # (B, F) expected insertions
+                if order == "full_sequence":
+                    rate = torch.zeros_like(rate)
+                if sampler == "poisson":
+                    n_new = torch.poisson(rate, generator=generator)
+                else:
+                    n_new = torch.bernoulli(rate.clamp(max=1), generator=generator)
             state = insert_frames(state, n_new, t_next, max_frames, generator)
             k += 1
         if callback is not None:
             callback(state)
     return [Sample(frames=state.x[b, state.mask[b]], insert_time=state.insert_time[b, state.mask[b]],
-                   nfe=int(nfe[b]), refused=int(state.refused[b])) for b in range(B)]
+                   nfe=int(nfe[b]), refused=int(state.refused[b]), context=state.context[b, state.mask[b]])
+            for b in range(B)]
 
 
 class PosteriorMeanOracle:
     """The exact rate for videos whose frames carry no information: lam_j = E[K_j | m visible, t_g].
 
-    For a known length law P(n), a state with m visible frames at t_g < 1 has
-    P(n | m, t_g) ∝ P(n) Binom(m - n_start; n - n_start, kappa(t_g)), and because the visible set is
-    a uniform subset, the n - m pending frames are spread exchangeably over the m slots:
-    E[K_j | m, t_g] = E[(n - m) / m | m, t_g]. t_g is read off the input as the largest frame time
-    (a start frame has t = t_g before 1). The velocity is 0. Used by the tests and `sample.py --oracle`.
+    For a known length law P(n), a state with m visible frames at t_g < 1, of which f were there
+    from the start (n_start; or the prompt's n_context context frames plus its start frame), has
+    P(n | m, t_g) ∝ P(n) Binom(m - f; n - f, kappa(t_g)). Because the inserted frames are a uniform
+    subset, the n - m pending frames are spread exchangeably over the m - n_passive slots that may
+    insert: E[K_j | m, t_g] = E[(n - m) / (m - n_passive) | m, t_g]. This holds without context and
+    for prompts whose context all comes first (i2v, extend), not between free frames (interp).
+    t_g is read off the input as the largest frame time below 1 (the start frame has t = t_g before
+    1, t_g^gamma for a model trained with gamma; context frames have t = 1). The velocity is 0.
+    Used by the tests and `sample.py --oracle`.
     """
 
-    def __init__(self, length_probs, kappa=None, n_start=1):
+    def __init__(self, length_probs, kappa=None, n_start=1, gamma=1.0, n_context=0, n_passive=0):
         self.p = torch.as_tensor(length_probs, dtype=torch.float64)  # (N_max + 1,) P(n)
         self.p = self.p / self.p.sum()
-        self.kappa, self.n_start = kappa or LinearKappa(), n_start
+        self.kappa, self.gamma, self.n_passive = kappa or LinearKappa(), gamma, n_passive
+        self.n_fixed = n_context + 1 if n_context else n_start  # frames there from t_g = 0
 
     def __call__(self, x_t, t, mask, cond):
         m = mask.sum(dim=1).double()[:, None]  # (B, 1)
-        t_g = torch.where(mask, t, 0.0).amax(dim=1).double().clamp(1e-9, 1 - 1e-9)
+        t_max = torch.where(mask & (t < 1), t, 0.0).amax(dim=1).double()  # (B,) the start frame's t
+        t_g = (t_max ** (1 / self.gamma)).clamp(1e-9, 1 - 1e-9)  # the model's training law: t = t_g^gamma
         k = self.kappa.kappa(t_g)[:, None]  # (B, 1)
         p = self.p.to(t.device)
         n = torch.arange(len(p), dtype=torch.float64, device=t.device)[None]  # (1, N) candidate lengths
-        trials, hits = n - self.n_start, m - self.n_start  # Binom(hits; trials, kappa(t_g))
+        trials, hits = n - self.n_fixed, m - self.n_fixed  # Binom(hits; trials, kappa(t_g))
         ok = (hits <= trials) & (p[None] > 0)
         logpost = (p.log()[None] + torch.lgamma(trials.clamp_min(0) + 1) - torch.lgamma(hits + 1)
                    - torch.lgamma((trials - hits).clamp_min(0) + 1) + torch.xlogy(hits, k) + torch.xlogy(trials - hits, 1 - k))
         post = torch.softmax(torch.where(ok, logpost, -math.inf), dim=1).nan_to_num(0.0)  # (B, N)
-        lam = (post * (n - m).clamp_min(0) / m).sum(dim=1)  # (B,)
+        lam = (post * (n - m).clamp_min(0) / (m - self.n_passive)).sum(dim=1)  # (B,)
         log_lam = lam.clamp_min(1e-12).log().float()[:, None].expand(mask.shape)
         return torch.zeros_like(x_t), log_lam
 

@@ -1,15 +1,22 @@
 """Sample Flowception videos, compare their lengths with the data law, draw pictures.
 
     python sample.py                               # out/toy/ckpt.pt (EMA weights), 512 videos
+    python sample.py --task i2v                    # image-to-video from held-out first frames
+    python sample.py --task interp --anchors 1     # first, last and 1 middle frame given; gaps free
+    python sample.py --task i2v --rate-guidance 2  # Eq. (13); --cfg S for velocity guidance
+    python sample.py --order hierarchical          # Table 2's data-independent insertion orders
     python sample.py --steps 100 --sampler bernoulli --max-reveal-prob 1   # Algorithm 1 exactly
     python sample.py --oracle                      # the exact posterior-mean rate instead of a model
 
-Prints a terminal histogram of generated vs data lengths with the metrics of toy_data.length_metrics,
-saves the raw results (lengths, insertion times, frames) to <out>/samples.pt and, when matplotlib is
-installed, <out>/lengths.png (Figure 10) and <out>/videos.png (Figures 5/6: each frame's insertion
-time as a colour under it).
+Context frames come from held-out toy videos (a seed stream training never uses) or from a file
+(--context FILE: a tensor (A, C, H, W) or (N, A, C, H, W) saved with torch.save). Prints a terminal
+histogram of generated vs data lengths with the metrics of toy_data, the task's own statistics,
+saves the raw results to <out>/samples.pt and, when matplotlib is installed, <out>/lengths.png
+(Figure 10) and <out>/videos.png (Figures 5/6: each frame's insertion time as a colour under it,
+context frames in dashed boxes).
 """
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -20,17 +27,29 @@ from tqdm import tqdm
 import flowception as fc
 import toy_data
 
+HELD_OUT = 1_000_003  # seed offset of the held-out videos that provide context frames
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample Flowception and compare lengths with the data.")
     p.add_argument("--ckpt", default="out/toy/ckpt.pt", help="checkpoint written by train.py")
     p.add_argument("--oracle", action="store_true", help="use the analytic posterior-mean oracle (no checkpoint)")
+    p.add_argument("--oracle-gamma", type=float, default=1.0, help="the gamma the oracle assumes the model was trained with")
     p.add_argument("--num", type=int, default=512, help="number of videos")
     p.add_argument("--batch-size", type=int, default=256, help="videos generated together")
     p.add_argument("--steps", type=int, default=25, help="flow steps per frame (h = 1 / steps)")
     p.add_argument("--sampler", choices=("poisson", "bernoulli"), default="poisson", help="insertion draw")
     p.add_argument("--max-reveal-prob", type=float, default=0.1, help="cap on each step's reveal probability (1 = Algorithm 1)")
     p.add_argument("--max-frames", type=int, default=None, help="length cap (default: twice the data's longest)")
+    p.add_argument("--task", choices=("uncond", "i2v", "interp", "extend"), default="uncond", help="what is given")
+    p.add_argument("--context", default=None, help="file with context frames (default: held-out toy videos)")
+    p.add_argument("--anchors", type=int, default=0, help="interp: middle anchors between the first and last frame")
+    p.add_argument("--prefix", type=int, default=4, help="extend: number of given frames")
+    p.add_argument("--rate-guidance", type=float, default=1.0, help="rate guidance scale w, Eq. (13) (1 = off)")
+    p.add_argument("--cfg", type=float, default=1.0, help="velocity classifier-free guidance scale (1 = off)")
+    p.add_argument("--gamma", type=float, default=None, help="per-frame time t = u^gamma (Appendix E; default: the training gamma)")
+    p.add_argument("--order", choices=fc.ORDERS, default="learned", help="where frames go (Table 2); 'full_sequence' = baseline")
+    p.add_argument("--length", type=int, default=None, help="target length for --order (default: the data law / the context's video)")
     p.add_argument("--raw", action="store_true", help="sample the raw weights instead of the EMA")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
@@ -40,16 +59,60 @@ def parse_args(argv=None):
 
 def load_model(args):
     """-> (model callable, config, label)."""
-    if args.oracle:
-        cfg = fc.PRESETS["toy"]
-        return fc.PosteriorMeanOracle(toy_data.length_probs(), cfg.make_kappa(), cfg.n_start), cfg, "oracle"
+    if args.oracle:  # the exact rate of the toy law; for prompts whose context comes first
+        cfg = dataclasses.replace(fc.PRESETS["toy"], gamma=args.oracle_gamma)
+        if args.task == "interp":
+            raise ValueError("the oracle knows the rate for uncond, i2v and extend prompts, not interp")
+        n_context = {"uncond": 0, "i2v": 1, "extend": args.prefix}[args.task]
+        oracle = fc.PosteriorMeanOracle(toy_data.length_probs(), cfg.make_kappa(), cfg.n_start, gamma=args.oracle_gamma,
+                                        n_context=n_context, n_passive=max(n_context - 1, 0))
+        return oracle, cfg, "oracle"
     ckpt = fc.load_checkpoint(args.ckpt)
     cfg = fc.Config.from_dict(ckpt["config"])
     if cfg.data != "toy":
         raise ValueError(f"{args.ckpt} is a {ckpt['preset']!r} checkpoint; only toy checkpoints can be sampled so far")
+    trained = fc.parse_tasks(cfg.tasks)
+    if args.task != "uncond" and not trained.get(args.task):
+        raise ValueError(f"{args.ckpt} was trained on tasks {cfg.tasks!r}, not {args.task!r} (train with --tasks or --preset toy_tasks)")
+    if (args.rate_guidance != 1 or args.cfg != 1) and cfg.cond_dropout == 0:
+        raise ValueError(f"guidance needs a model trained with conditioning dropout; {args.ckpt} has cond_dropout=0")
     model = fc.build_model(cfg)
     model.load_state_dict(ckpt["model" if args.raw else "ema"])
     return model.to(args.device).eval(), cfg, f"{ckpt['preset']} step {ckpt['step']}"
+
+
+def task_inputs(args, frame_shape):
+    """-> (prompt or None, source lengths (N,) or None, anchor indices (N, A) or None).
+
+    Context frames are cut from held-out toy videos, or read from --context.
+    """
+    N, short = args.num, min(toy_data.LENGTHS)
+    if not 0 <= args.anchors <= 2:
+        raise ValueError(f"--anchors must be 0, 1 or 2 (training shows at most 2 middle anchors), got {args.anchors}")
+    if not 2 <= args.prefix <= short // 2:
+        raise ValueError(f"--prefix must be in [2, {short // 2}] (training gives 2..n/2 frames), got {args.prefix}")
+    videos, lengths = toy_data.sample_toy_videos(N, torch.Generator().manual_seed(HELD_OUT + args.seed))
+    if args.task == "uncond":
+        return None, None, None
+    if args.context is not None:
+        if not os.path.isfile(args.context):
+            raise ValueError(f"context file {args.context} does not exist")
+        frames = torch.load(args.context, weights_only=True)
+        frames = frames.expand(N, *frames.shape) if frames.ndim == 4 else frames
+        if frames.ndim != 5 or frames.shape[0] != N or tuple(frames.shape[2:]) != tuple(frame_shape):
+            raise ValueError(f"context frames must be (A, {', '.join(map(str, frame_shape))}) or ({N}, A, ...), "
+                             f"got {tuple(frames.shape)} from {args.context}")
+        return fc.make_prompt(args.task, frames.float()), None, None
+    index = None
+    if args.task == "i2v":
+        frames = videos[:, :1]
+    elif args.task == "extend":
+        frames = videos[:, : args.prefix]
+    else:  # interp: first, last and `anchors` evenly spaced frames in between
+        where = torch.linspace(0, 1, args.anchors + 2)[None] * (lengths[:, None] - 1)  # (N, A)
+        index = where.round().long()
+        frames = videos[torch.arange(N)[:, None], index]  # (N, A, C, H, W)
+    return fc.make_prompt(args.task, frames), lengths, index
 
 
 def print_histogram(lengths, width=50):
@@ -65,6 +128,31 @@ def print_histogram(lengths, width=50):
         if expected[n] > 0:
             bar[min(round(expected[n] * scale), width)] = "|"
         print(f"{n:6d} | {''.join(bar).rstrip():<{width + 1}} {counts[n].item():5d}")
+
+
+def task_statistics(samples, task, source_lengths, anchors):
+    """The numbers that say whether a task worked; each printed with its data reference."""
+    lengths = torch.tensor([s.frames.shape[0] for s in samples])
+    rough = torch.tensor([toy_data.roughness(s.frames) for s in samples])
+    data = toy_data.sample_toy_videos(len(samples), torch.Generator().manual_seed(HELD_OUT - 1))
+    data_rough = torch.tensor([toy_data.roughness(v[:n]) for v, n in zip(*data)])
+    stats = {"roughness": float(rough.mean()), "data_roughness": float(data_rough.mean())}
+    if task == "i2v" and len(samples) > 1:  # does frame 1 continue ITS context frame, or any frame?
+        first, nxt = torch.stack([s.frames[0] for s in samples]), torch.stack([s.frames[1] for s in samples])
+        stats["continuation"] = float(toy_data.outer_distance(nxt, first).mean())
+        stats["continuation_shuffled"] = float(toy_data.outer_distance(nxt, first.roll(1, dims=0)).mean())
+    if task == "interp" and source_lengths is not None:
+        stats["length_exact"] = float((lengths == source_lengths).double().mean())
+        stats["length_within1"] = float(((lengths - source_lengths).abs() <= 1).double().mean())
+        jumps = torch.tensor([toy_data.jump_excess(s.frames) for s in samples])
+        stats["one_jump"] = float((jumps < 0.1).double().mean())
+        stats["jump_excess"] = float(jumps.mean())
+    if task == "interp" and anchors is not None and anchors.shape[1] > 2:  # how the frames are split between anchors
+        share = lambda gaps: gaps / gaps.sum(-1, keepdim=True).clamp_min(1)  # noqa: E731
+        src = share((anchors.diff(dim=1) - 1).double())  # (N, A-1)
+        got = torch.stack([share((s.context.nonzero().flatten().diff() - 1).double()) for s in samples])
+        stats["split_error"] = float((got - src).abs().mean())
+    return stats
 
 
 def save_pictures(samples, lengths, out, label):
@@ -88,7 +176,8 @@ def save_pictures(samples, lengths, out, label):
     fig.tight_layout()
     fig.savefig(os.path.join(out, "lengths.png"), dpi=120)
     plt.close(fig)
-    # Figures 5/6: a few videos, frames left to right; the three pixels stacked, insertion time below
+    # Figures 5/6: a few videos, frames left to right; the three pixels stacked, insertion time below,
+    # context frames in dashed boxes
     videos = samples[:8]
     F = max(s.frames.shape[0] for s in videos)
     cmap = plt.get_cmap("viridis")
@@ -102,7 +191,10 @@ def save_pictures(samples, lengths, out, label):
     fig, ax = plt.subplots(figsize=(F * 0.25 + 2.5, len(videos) * 1.25 + 1))
     im = ax.imshow(torch.cat(rows).numpy(), aspect="equal", interpolation="nearest")
     im.set_cmap(cmap)
-    ax.set(xlabel="frame", yticks=[], title="Sampled toy videos (3 pixels per frame; bar: insertion time)")
+    for r, s in enumerate(videos):
+        for f in torch.nonzero(s.context).flatten().tolist():
+            ax.add_patch(plt.Rectangle((f - 0.5, 5 * r - 0.5), 1, 3, fill=False, edgecolor="black", linestyle="--", linewidth=1.2))
+    ax.set(xlabel="frame", yticks=[], title="Sampled toy videos (3 pixels per frame; bar: insertion time; dashed: context)")
     fig.colorbar(plt.cm.ScalarMappable(cmap=cmap), ax=ax, label="insertion time t_g", fraction=0.03)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "videos.png"), dpi=120)
@@ -116,28 +208,54 @@ def main(argv=None):
         if args.num < 1 or args.batch_size < 1:
             raise ValueError(f"--num and --batch-size must be >= 1, got {args.num} and {args.batch_size}")
         model, cfg, label = load_model(args)
+        order = args.order
+        if cfg.full_sequence and order == "learned":
+            print("this checkpoint is the full-sequence baseline (no rate head trained): using --order full_sequence")
+            order = "full_sequence"
+        frame_shape = (cfg.channels, cfg.height, cfg.width)
+        gamma = cfg.gamma if args.gamma is None else args.gamma  # the oracle's cfg.gamma is --oracle-gamma
+        prompt, source_lengths, anchors = task_inputs(args, frame_shape)
+        targets = None
+        if order != "learned":  # a target length per video: given, the context's own video, or the data law
+            law = toy_data.sample_toy_videos(args.num, torch.Generator().manual_seed(HELD_OUT + args.seed))[1]
+            targets = torch.full((args.num,), args.length) if args.length else (source_lengths if source_lengths is not None else law)
         out = args.out or ("out/oracle" if args.oracle else os.path.dirname(args.ckpt) or ".")
         os.makedirs(out, exist_ok=True)
         generator = torch.Generator(args.device).manual_seed(args.seed)
-        kwargs = dict(frame_shape=(cfg.channels, cfg.height, cfg.width), kappa=cfg.make_kappa(), n_start=cfg.n_start,
-                      steps=args.steps, sampler=args.sampler, max_reveal_prob=args.max_reveal_prob,
-                      max_frames=args.max_frames or 2 * cfg.max_frames, generator=generator, device=args.device)
+        kwargs = dict(frame_shape=frame_shape, kappa=cfg.make_kappa(), n_start=cfg.n_start, steps=args.steps,
+                      sampler=args.sampler, max_reveal_prob=args.max_reveal_prob,
+                      max_frames=args.max_frames or 2 * cfg.max_frames, generator=generator, device=args.device,
+                      rate_guidance=args.rate_guidance, cfg_scale=args.cfg, gamma=gamma, order=order)
         samples, t0 = [], time.time()
         for start in tqdm(range(0, args.num, args.batch_size), desc="sampling", unit="batch"):
-            samples += fc.generate(model, min(args.batch_size, args.num - start), **kwargs)
+            part = slice(start, min(start + args.batch_size, args.num))
+            sub = None if prompt is None else fc.Prompt(prompt.frames[part], prompt.context[part], prompt.passive[part])
+            samples += fc.generate(model, part.stop - part.start, prompt=sub,
+                                   lengths=None if targets is None else targets[part], **kwargs)
     except ValueError as e:
         sys.exit(f"error: {e}")
     seconds = time.time() - t0
-    samples = [fc.Sample(s.frames.cpu(), s.insert_time.cpu(), s.nfe, s.refused) for s in samples]
+    samples = [fc.Sample(s.frames.cpu(), s.insert_time.cpu(), s.nfe, s.refused, s.context.cpu()) for s in samples]
     lengths = torch.tensor([s.frames.shape[0] for s in samples])
     print_histogram(lengths)
     m = toy_data.length_metrics(lengths)
     nfe = torch.tensor([s.nfe for s in samples]).float()
-    print(f"{label}: {args.num} videos, {args.sampler}, steps {args.steps}, max_reveal_prob {args.max_reveal_prob}: "
-          f"length TV {m['tv']:.3f} | within +-1 of a mode {m['within1']:.1%} | mode-binned TV {m['binned_tv']:.3f} | "
-          f"mean length {lengths.float().mean():.1f} | NFE per video {nfe.mean():.0f} | refused {sum(s.refused for s in samples)} | {seconds:.0f} s")
+    print(f"{label}: {args.num} videos, task {args.task}, order {order}, {args.sampler}, steps {args.steps}, "
+          f"max_reveal_prob {args.max_reveal_prob}, rate guidance {args.rate_guidance}, cfg {args.cfg}, gamma {gamma}")
+    print(f"length TV {m['tv']:.3f} | within +-1 of a mode {m['within1']:.1%} | mode-binned TV {m['binned_tv']:.3f} | "
+          f"mean length {lengths.float().mean():.2f} | NFE per video {nfe.mean():.0f} | refused {sum(s.refused for s in samples)} | {seconds:.0f} s")
+    stats = task_statistics(samples, args.task, source_lengths, anchors)
+    print(f"roughness of the outer pixels {stats['roughness']:.4f} (data {stats['data_roughness']:.4f})")
+    if "continuation" in stats:
+        print(f"i2v: frame 1 to its context frame {stats['continuation']:.3f} vs to another video's {stats['continuation_shuffled']:.3f} (outer-pixel distance)")
+    if "length_exact" in stats:
+        print(f"interp: length = the anchors' video {stats['length_exact']:.1%}, within +-1 {stats['length_within1']:.1%} | "
+              f"middle pixel jumps once {stats['one_jump']:.1%} (data 100%), mean excess variation {stats['jump_excess']:.3f}")
+    if "split_error" in stats:
+        print(f"interp: share of the frames in each gap vs the source video's, mean absolute error {stats['split_error']:.3f}")
     torch.save({"lengths": lengths, "insert_time": [s.insert_time for s in samples], "frames": [s.frames for s in samples],
-                "nfe": nfe.long(), "metrics": m}, os.path.join(out, "samples.pt"))
+                "context": [s.context for s in samples], "nfe": nfe.long(), "metrics": m, "task_stats": stats,
+                "source_lengths": source_lengths}, os.path.join(out, "samples.pt"))
     print(f"wrote {os.path.join(out, 'samples.pt')}")
     save_pictures(samples, lengths, out, label)
 

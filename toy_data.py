@@ -68,3 +68,27 @@ def length_metrics(lengths):
     target = torch.tensor([1 / len(LENGTHS)] * len(LENGTHS) + [0.0], dtype=torch.float64)
     return {"tv": float(tv), "within1": float((nearest.values <= 1).double().mean()),
             "binned_tv": float(0.5 * (binned - target).abs().sum())}
+
+
+def roughness(frames):
+    """Temporal roughness of a toy video (F, 3, 1, 3): mean |second difference| of the outer pixels.
+
+    The data's outer pixels turn smoothly (about 0.01 to 0.05); a badly placed or badly denoised frame
+    shows up as a kink. Lower is smoother.
+    """
+    outer = frames[:, :, 0, [0, 2]].double()  # (F, 3, 2)
+    return float((outer[2:] - 2 * outer[1:-1] + outer[:-2]).abs().mean()) if len(outer) > 2 else 0.0
+
+
+def jump_excess(frames):
+    """How far the middle pixel is from one clean jump: total variation minus |last - first|.
+
+    The data's middle pixel is grey g_0, then jumps once to g_1: exactly 0. Wobbles add to it.
+    """
+    middle = frames[:, :, 0, 1].double().mean(dim=1)  # (F,) grey level
+    return float((middle[1:] - middle[:-1]).abs().sum() - (middle[-1] - middle[0]).abs())
+
+
+def outer_distance(a, b):
+    """Mean absolute difference between the outer pixels of frames a and b (..., 3, 1, 3)."""
+    return (a[..., 0, [0, 2]] - b[..., 0, [0, 2]]).abs().flatten(-2).mean(-1)

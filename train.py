@@ -1,31 +1,38 @@
 """Train Flowception.
 
-    python train.py                              # the 3-pixel toy on CPU, a few minutes on 2 cores
+    python train.py                                   # the 3-pixel toy on CPU, a few minutes on 2 cores
+    python train.py --preset toy_tasks                # the toy on every task: i2v, interpolation, ...
     python train.py --preset toy --steps 500 --out out/quick
-    python train.py --resume                     # continue out/<preset>/ckpt.pt
+    python train.py --resume                          # continue out/<preset>/ckpt.pt
+    torchrun --standalone --nproc_per_node=2 train.py # data parallel: gloo on CPU, nccl on CUDA
 
-Single process for now; the torchrun path (issue 5) slots in where `rank` and `world_size` appear.
+One code path for 1..N processes. Every process builds the same global batch from the shared data
+stream and trains on its own rows, in --grad-accum micro-batches; the losses are normalised by the
+counts of the GLOBAL batch, so N processes x k micro-batches compute exactly the loss (and gradient)
+of one process on the whole batch. DistributedDataParallel averages gradients over processes.
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
+import json
 import math
 import os
 import sys
 import time
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import flowception as fc
 import toy_data
 
-rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-master = rank == 0
+rank, world_size = 0, 1  # set by setup_distributed
 
 
 def print0(*args, **kwargs):
-    if master:
+    if rank == 0:
         print(*args, **kwargs)
 
 
@@ -36,7 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--steps", type=int, help="total optimizer steps")
-    p.add_argument("--batch-size", type=int, help="videos per step")
+    p.add_argument("--batch-size", type=int, help="videos per optimizer step, over all processes")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per process and step (gradient accumulation)")
+    p.add_argument("--checkpointing", action="store_true", default=None, help="recompute each block in backward (activation checkpointing)")
     p.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
     p.add_argument("--warmup", type=int, help="linear warm-up steps, then cosine decay to lr / 10")
     p.add_argument("--seed", type=int, help="seed of the model init and the data stream")
@@ -51,6 +60,12 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, help="attention heads")
     p.add_argument("--no-count-embedding", dest="count_embedding", action="store_false", default=None,
                    help="the paper's DiT: no embedding of the frame count (see Config.count_embedding)")
+    p.add_argument("--tasks", help="training task mix, e.g. 'uncond:2,i2v:1,interp:1' (tasks: "
+                   + ", ".join(fc.TASKS) + ")")
+    p.add_argument("--cond-dropout", type=float, help="probability that a video's context is dropped (for guidance)")
+    p.add_argument("--full-sequence", action="store_true", default=None,
+                   help="train the full-sequence flow matching baseline: every frame a start frame, no insertions")
+    p.add_argument("--gamma", type=float, help="per-frame time t = u^gamma (Appendix E); sample with the same gamma")
     p.add_argument("--window", type=int, help="local attention over +-window frames (0: full)")
     p.add_argument("--log-every", type=int, help="steps between log lines")
     p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
@@ -67,6 +82,19 @@ def make_config(args, base=None):
     if args.resume and changed:
         raise ValueError(f"cannot resume with a different model shape: {', '.join(changed)}")
     return dataclasses.replace(base, **overrides)
+
+
+def setup_distributed(device):
+    """Rank, world size and device from torchrun's environment; a process group when there are several."""
+    global rank, world_size
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
 
 
 def lr_at(step, cfg):
@@ -91,9 +119,31 @@ def save_checkpoint(path, model, ema, opt, step, cfg, preset, data_rng):
     os.replace(path + ".tmp", path)
 
 
+def global_batch(cfg, kappa, data_rng):
+    """The step's whole batch, built on the CPU from the shared data stream (the same on every process)."""
+    # 1. clean videos, padded, with their lengths
+    x_1, lengths = toy_data.sample_toy_videos(cfg.batch_size, data_rng)
+    x_1 = x_1[:, : int(lengths.max())]
+    # 2. each video's task (its context frames) and where every frame stands in extended time
+    context, passive = fc.sample_context(lengths, cfg.tasks, data_rng)
+    state = fc.sample_training_state(lengths, kappa, cfg.n_start, generator=data_rng, tau_density=cfg.tau_density,
+                                     context=context, passive=passive, full_sequence=cfg.full_sequence, gamma=cfg.gamma)
+    # 3. what the model sees: visible frames noised to their own times, stripped and padded
+    return fc.make_training_batch(x_1, state, generator=data_rng, cond_dropout=cfg.cond_dropout)
+
+
+def my_micro_batches(batch, accum):
+    """This process's rows of the global batch in `accum` micro-batches, each trimmed to its longest video."""
+    rows = torch.arange(batch.tau_g.numel()).chunk(world_size)[rank]
+    out = []
+    for r in rows.chunk(accum):
+        F = max(int(batch.mask[r].sum(1).max()), 1)
+        out.append(fc.TrainingBatch(**{k: v[r] if k == "tau_g" else v[r, :F] for k, v in vars(batch).items()}))
+    return out
+
+
 def train(args):
-    if world_size > 1:
-        raise ValueError("multi-process training (torchrun) is not built yet (issue 5); run one process")
+    device = setup_distributed(args.device)
     out = args.out or os.path.join("out", args.preset)
     ckpt_path = os.path.join(out, "ckpt.pt")
     ckpt = fc.load_checkpoint(ckpt_path) if args.resume else None
@@ -104,9 +154,10 @@ def train(args):
     cfg = make_config(args, base=fc.Config.from_dict(ckpt["config"]) if ckpt else None)
     if cfg.data != "toy":
         raise ValueError(f"preset {args.preset!r} trains on LTX latents, whose loader is not built yet (issue 5)")
-    device = torch.device(args.device)
-    torch.manual_seed(cfg.seed)
-    data_rng = torch.Generator().manual_seed(cfg.seed * world_size + rank)  # per-rank data stream
+    if cfg.batch_size % (world_size * cfg.grad_accum):
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of processes x grad_accum = {world_size * cfg.grad_accum}")
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    data_rng = torch.Generator().manual_seed(cfg.seed)  # the same global batches on every process
     model = fc.build_model(cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
@@ -119,49 +170,60 @@ def train(args):
         data_rng.set_state(ckpt["data_rng"])
         start = ckpt["step"]
         print0(f"resumed from {ckpt_path} at step {start}")
+    net = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     os.makedirs(out, exist_ok=True)
+    log_path = os.path.join(out, "log.jsonl")  # one JSON line per step: step, velocity, rate, lr
+    if rank == 0 and ckpt is None and os.path.exists(log_path):
+        os.remove(log_path)
     n_params = sum(p.numel() for p in model.parameters())
-    print0(f"preset {args.preset}: {n_params / 1e6:.2f}M parameters, {cfg.steps} steps of {cfg.batch_size} videos on {device}")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not master, dynamic_ncols=True)
-    t_log, sums, n_logged = time.time(), torch.zeros(2), 0
+    print0(f"preset {args.preset}: {n_params / 1e6:.2f}M parameters, {cfg.steps} steps of {cfg.batch_size} videos "
+           f"on {world_size} x {device.type} ({cfg.grad_accum} micro-batches each)")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0, dynamic_ncols=True)
+    t_log, sums, n_logged = time.time(), torch.zeros(2, dtype=torch.float64), 0
     for step in bar:
-        # 1. a batch of clean videos, padded, with their lengths
-        x_1, lengths = toy_data.sample_toy_videos(cfg.batch_size, data_rng)
-        x_1 = x_1[:, : int(lengths.max())]  # built on the CPU with the data generator, moved below
-        # 2. where every frame stands in extended time (Section 4 / Algorithm 2)
-        state = fc.sample_training_state(lengths, kappa, cfg.n_start, generator=data_rng, tau_density=cfg.tau_density)
-        # 3. what the model sees: visible frames noised to their own times, stripped and padded
-        batch = fc.make_training_batch(x_1, state, generator=data_rng)
-        batch = fc.TrainingBatch(**{k: v.to(device) for k, v in vars(batch).items()})
-        # 4. forward and losses (Eqs. 12, 20)
-        with autocast:
-            v, log_lam = model(batch.x_t, batch.t, batch.mask, batch.cond)
-        loss_v = fc.velocity_loss(v, batch)
-        loss_r = fc.rate_loss(log_lam, batch, kappa, cfg.hazard_weight)
-        loss = loss_v + cfg.rate_weight * loss_r
-        # 5. update: clip, AdamW at the scheduled lr, EMA (warmed up so early EMA is not the init)
+        batch = global_batch(cfg, kappa, data_rng)
+        n_active, n_insert = batch.active.sum().clamp_min(1), batch.can_insert.sum().clamp_min(1)  # global counts
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        losses = torch.zeros(2, dtype=torch.float64)
+        micro = my_micro_batches(batch, cfg.grad_accum)
+        for i, mb in enumerate(micro):
+            mb = fc.TrainingBatch(**{k: v.to(device) for k, v in vars(mb).items()})
+            last = i == len(micro) - 1  # DDP all-reduces the gradients once, after the last micro-batch
+            with autocast, (net.no_sync() if world_size > 1 and not last else contextlib.nullcontext()):
+                v, log_lam = net(mb.x_t, mb.t, mb.mask, mb.cond)
+                # this micro-batch's share of the global means (Eqs. 12, 20)
+                loss_v = fc.velocity_loss(v, mb, count=n_active)
+                loss_r = fc.rate_loss(log_lam, mb, kappa, cfg.hazard_weight, count=n_insert)
+                loss = loss_v + (0.0 if cfg.full_sequence else cfg.rate_weight) * loss_r  # baseline: nothing to insert
+                (loss * world_size).backward()  # DDP averages over processes; the counts are already global
+            losses += torch.stack([loss_v.detach(), loss_r.detach()]).double().cpu()
+        if world_size > 1:
+            dist.all_reduce(losses)  # the global batch's losses, for the log
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.step()
-        update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        # 6. log and checkpoint
-        sums += torch.tensor([loss_v.item(), loss_r.item()])
+        update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))  # warmed up: early EMA is not the init
+        sums += losses
         n_logged, done = n_logged + 1, step + 1
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": done, "velocity": losses[0].item(), "rate": losses[1].item(), "lr": lr}) + "\n")
         if done % cfg.log_every == 0 or done == cfg.steps:
             speed = n_logged / (time.time() - t_log)
-            if master:
+            if rank == 0:
                 bar.write(f"step {done:6d} | velocity {sums[0] / n_logged:.4f} | rate {sums[1] / n_logged:.4f} | "
                           f"lr {lr:.2e} | {speed:.1f} steps/s")
-            t_log, sums, n_logged = time.time(), torch.zeros(2), 0
-        if master and (done % cfg.ckpt_every == 0 or done == cfg.steps):
+            t_log, sums, n_logged = time.time(), torch.zeros(2, dtype=torch.float64), 0
+        if rank == 0 and (done % cfg.ckpt_every == 0 or done == cfg.steps):
             save_checkpoint(ckpt_path, model, ema, opt, done, cfg, args.preset, data_rng)
     print0(f"saved {ckpt_path}; sample it with: python sample.py --ckpt {ckpt_path}")
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
     return ckpt_path
 
 
