@@ -112,18 +112,18 @@ class Config:
     ema_decay: float = 0.999
     seed: int = 0
     log_every: int = 250
-    ckpt_every: int = 1000
+    ckpt_every: int = 1000  # 0: never write checkpoints (measurements)
 
     def __post_init__(self):
         positive = ("channels", "height", "width", "max_frames", "dim", "depth", "heads", "n_start",
-                    "steps", "batch_size", "grad_accum", "log_every", "ckpt_every")
+                    "steps", "batch_size", "grad_accum", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "mlp_ratio", "gamma"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("window", "warmup", "weight_decay", "grad_clip", "rate_weight"):
+        for name in ("window", "warmup", "weight_decay", "grad_clip", "rate_weight", "ckpt_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:

@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output folder (default out/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--data", choices=("toy", "synthetic"), help="toy: the 3-pixel videos; synthetic: random "
+                   "full-length clips of the preset's shape (throughput and memory measurements, nothing to learn)")
     p.add_argument("--steps", type=int, help="total optimizer steps")
     p.add_argument("--batch-size", type=int, help="videos per optimizer step, over all processes")
     p.add_argument("--grad-accum", type=int, help="micro-batches per process and step (gradient accumulation)")
@@ -122,8 +124,12 @@ def save_checkpoint(path, model, ema, opt, step, cfg, preset, data_rng):
 def global_batch(cfg, kappa, data_rng):
     """The step's whole batch, built on the CPU from the shared data stream (the same on every process)."""
     # 1. clean videos, padded, with their lengths
-    x_1, lengths = toy_data.sample_toy_videos(cfg.batch_size, data_rng)
-    x_1 = x_1[:, : int(lengths.max())]
+    if cfg.data == "toy":
+        x_1, lengths = toy_data.sample_toy_videos(cfg.batch_size, data_rng)
+        x_1 = x_1[:, : int(lengths.max())]
+    else:  # synthetic: the longest clips the preset allows
+        lengths = torch.full((cfg.batch_size,), cfg.max_frames)
+        x_1 = torch.randn(cfg.batch_size, cfg.max_frames, cfg.channels, cfg.height, cfg.width, generator=data_rng)
     # 2. each video's task (its context frames) and where every frame stands in extended time
     context, passive = fc.sample_context(lengths, cfg.tasks, data_rng)
     state = fc.sample_training_state(lengths, kappa, cfg.n_start, generator=data_rng, tau_density=cfg.tau_density,
@@ -152,13 +158,15 @@ def train(args):
     if ckpt is not None and not {"optimizer", "data_rng"} <= set(ckpt):
         raise ValueError(f"checkpoint {ckpt_path} has no optimizer or data state to resume from")
     cfg = make_config(args, base=fc.Config.from_dict(ckpt["config"]) if ckpt else None)
-    if cfg.data != "toy":
-        raise ValueError(f"preset {args.preset!r} trains on LTX latents, whose loader is not built yet (issue 5)")
+    if cfg.data not in ("toy", "synthetic"):
+        raise ValueError(f"preset {args.preset!r} trains on LTX latents, whose loader is not built yet (issue 5); "
+                         "--data synthetic measures its speed and memory on random latents")
     if cfg.batch_size % (world_size * cfg.grad_accum):
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of processes x grad_accum = {world_size * cfg.grad_accum}")
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     data_rng = torch.Generator().manual_seed(cfg.seed)  # the same global batches on every process
-    model = fc.build_model(cfg).to(device)
+    with torch.device(device):  # initialise in place: seconds instead of minutes for taichi256 on a GPU
+        model = fc.build_model(cfg)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     kappa = cfg.make_kappa()
@@ -214,13 +222,15 @@ def train(args):
                 f.write(json.dumps({"step": done, "velocity": losses[0].item(), "rate": losses[1].item(), "lr": lr}) + "\n")
         if done % cfg.log_every == 0 or done == cfg.steps:
             speed = n_logged / (time.time() - t_log)
+            memory = f" | peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
             if rank == 0:
                 bar.write(f"step {done:6d} | velocity {sums[0] / n_logged:.4f} | rate {sums[1] / n_logged:.4f} | "
-                          f"lr {lr:.2e} | {speed:.1f} steps/s")
+                          f"lr {lr:.2e} | {speed:.2f} steps/s, {speed * cfg.batch_size:.1f} videos/s{memory}")
             t_log, sums, n_logged = time.time(), torch.zeros(2, dtype=torch.float64), 0
-        if rank == 0 and (done % cfg.ckpt_every == 0 or done == cfg.steps):
+        if rank == 0 and cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == cfg.steps):
             save_checkpoint(ckpt_path, model, ema, opt, done, cfg, args.preset, data_rng)
-    print0(f"saved {ckpt_path}; sample it with: python sample.py --ckpt {ckpt_path}")
+    print0(f"saved {ckpt_path}; sample it with: python sample.py --ckpt {ckpt_path}" if cfg.ckpt_every
+           else "no checkpoint written (ckpt_every = 0)")
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
