@@ -22,6 +22,7 @@ rates   the model predicts, for every visible frame j, log lam_j, where lam_j es
         of frames still pending between frame j and the next visible frame (Corollary B.3). A pending
         frame is revealed between global times a < b with probability reveal_prob(a, b).
 """
+import glob
 import heapq
 import math
 import os
@@ -32,6 +33,7 @@ import torch.nn.functional as nnf
 import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
+from tqdm import tqdm
 
 #################################################################################
 #                                   Config                                      #
@@ -155,6 +157,9 @@ PRESETS = {
     # the paper's 256 px Tai-Chi config over 128-channel LTX latents at 8x8: 1,627,827,073 parameters
     # (1,625,074,561 without the count embedding; the paper's "2.1B" adds a joint-attention text
     # stream and a SwiGLU MLP, see README).
+    # the latent path end to end on a CPU: LTX latents of 64 px clips (2x2, up to 65 frames), tiny DiT
+    "latent_tiny": Config(data="latents", channels=128, height=2, width=2, max_frames=9, patch=(1, 1), dim=64,
+                          depth=2, heads=4, steps=200, batch_size=8, lr=1e-3, warmup=20),
     "taichi256": Config(data="latents", channels=128, height=8, width=8, max_frames=19, patch=(1, 1),
                         dim=1536, depth=38, heads=24, batch_size=8, lr=1e-4, warmup=1000,
                         steps=300_000, tau_density="logit_normal", ema_decay=0.9999),
@@ -1079,6 +1084,163 @@ class PosteriorMeanOracle:
         lam = (post * (n - m).clamp_min(0) / (m - self.n_passive)).sum(dim=1)  # (B,)
         log_lam = lam.clamp_min(1e-12).log().float()[:, None].expand(mask.shape)
         return torch.zeros_like(x_t), log_lam
+
+
+#################################################################################
+#            LTX-Video latents: files, a dataset, VAE encode and decode          #
+#################################################################################
+
+# The LTX-Video VAE maps 1 + 8k frames of H x W pixels to 1 + k latent frames of 128 x H/32 x W/32.
+LTX_TEMPORAL, LTX_SPATIAL = 8, 32
+
+
+def pack_latents(z):
+    """(F, C, h, w) -> (F*h*w, C): LTX-Video-Trainer's layout, tokens in (frame, row, column) order."""
+    return rearrange(z, "f c h w -> (f h w) c")
+
+
+def unpack_latents(tokens, num_frames, height, width):
+    """Inverse of pack_latents."""
+    return rearrange(tokens, "(f h w) c -> f c h w", f=num_frames, h=height, w=width)
+
+
+def save_latents(path, z, fps):
+    """Write normalised latents (F, C, h, w) as LTX-Video-Trainer does (a torch.save'd dict), atomically."""
+    F, _, h, w = z.shape
+    torch.save({"latents": pack_latents(z.cpu()), "num_frames": F, "height": h, "width": w, "fps": float(fps)}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_latents(path, channels=None, size=None):
+    """Read one latent file (ours or LTX-Video-Trainer's) -> (F, C, h, w); a one-line error naming the file."""
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        F, h, w = (int(torch.as_tensor(d[k]).flatten()[0]) for k in ("num_frames", "height", "width"))
+        z = unpack_latents(d["latents"].float(), F, h, w)
+    except Exception as e:  # unreadable, not a dict, missing keys, inconsistent shapes
+        raise ValueError(f"latent file {path} is not readable ({type(e).__name__}: {str(e)[:80]})") from None
+    if channels is not None and z.shape[1] != channels:
+        raise ValueError(f"latent file {path} has {z.shape[1]} channels, the preset wants {channels}")
+    if size is not None and tuple(z.shape[2:]) != tuple(size):
+        raise ValueError(f"latent file {path} is {z.shape[2]}x{z.shape[3]} latents, the preset wants {size[0]}x{size[1]}")
+    return z
+
+
+class LatentFolder:
+    """Every latent file of a folder (*.pt, recursively), checked and held in memory.
+
+    Tai-Chi-HD at 256 px is 3,049 clips of at most 19 x 128 x 8 x 8 latents: about 0.5 GB.
+    """
+
+    def __init__(self, folder, cfg):
+        files = sorted(glob.glob(os.path.join(folder, "**", "*.pt"), recursive=True))
+        if not files:
+            raise ValueError(f"no latent files (*.pt) in {folder} (encode videos with `python train.py --encode-videos`)")
+        self.clips = []
+        for path in tqdm(files, desc=f"checking {folder}", disable=len(files) < 100):
+            z = load_latents(path, cfg.channels, (cfg.height, cfg.width))
+            if z.shape[0] < cfg.n_start + 2:
+                raise ValueError(f"latent file {path} has {z.shape[0]} frames; training needs at least {cfg.n_start + 2}")
+            self.clips.append(z[: cfg.max_frames])
+
+    def __len__(self):
+        return len(self.clips)
+
+    def batch(self, index):
+        """-> videos (B, F, C, h, w) zero-padded, lengths (B,)."""
+        clips = [self.clips[i] for i in index.tolist()]
+        lengths = torch.tensor([c.shape[0] for c in clips])
+        out = torch.zeros(len(clips), int(lengths.max()), *clips[0].shape[1:])
+        for b, c in enumerate(clips):
+            out[b, : c.shape[0]] = c
+        return out, lengths
+
+
+def load_vae(name_or_path, device="cpu", dtype=torch.float32):
+    """diffusers' AutoencoderKLLTXVideo from a hub id or a local folder (with or without a vae/ subfolder)."""
+    try:
+        from diffusers import AutoencoderKLLTXVideo
+    except ImportError:
+        raise ValueError("the LTX VAE needs diffusers: pip install diffusers") from None
+    sub = "vae" if not os.path.isfile(os.path.join(name_or_path, "config.json")) else None
+    try:
+        vae = AutoencoderKLLTXVideo.from_pretrained(name_or_path, subfolder=sub, torch_dtype=dtype)
+    except Exception as e:  # offline without a cache, wrong path, not a VAE
+        raise ValueError(f"cannot load the LTX VAE from {name_or_path!r} ({type(e).__name__}: {str(e)[:120]})") from None
+    return vae.to(device).eval()
+
+
+def vae_frames(n):
+    """The number of video frames the VAE takes from a clip of n: the largest 1 + 8k <= n."""
+    return 1 + (n - 1) // LTX_TEMPORAL * LTX_TEMPORAL
+
+
+@torch.no_grad()
+def encode_video(vae, pixels):
+    """pixels (F, 3, H, W) in [-1, 1] -> normalised latents (1 + (F-1)/8, 128, H/32, W/32).
+
+    Clips are cut to 1 + 8k frames (never padded). Normalisation as diffusers' LTX pipelines:
+    (z - latents_mean) * scaling_factor / latents_std, per channel.
+    """
+    F, _, H, W = pixels.shape
+    if H % LTX_SPATIAL or W % LTX_SPATIAL:
+        raise ValueError(f"frame size {H}x{W} is not a multiple of {LTX_SPATIAL}")
+    p = next(vae.parameters())
+    x = pixels[: vae_frames(F)].to(p.device, p.dtype).permute(1, 0, 2, 3)[None]  # (1, 3, F', H, W)
+    z = vae.encode(x).latent_dist.mode()[0]  # (C, f, h, w)
+    mean, std = vae.latents_mean.view(-1, 1, 1, 1), vae.latents_std.view(-1, 1, 1, 1)
+    return ((z - mean) * vae.config.scaling_factor / std).permute(1, 0, 2, 3).float().cpu()  # (f, C, h, w)
+
+
+@torch.no_grad()
+def decode_latents(vae, z, decode_timestep=0.0, decode_noise_scale=None, generator=None):
+    """Normalised latents (f, C, h, w) of ONE clip -> pixels (1 + 8(f-1), 3, 32h, 32w) in [-1, 1].
+
+    One clip at a time: the VAE's temporal convolutions would otherwise mix padding into it. The
+    newer LTX VAEs (timestep_conditioning) decode at a timestep after mixing in that much noise,
+    as diffusers' pipelines do (decode_timestep 0.05 and noise scale 0.025 are their defaults).
+    """
+    p = next(vae.parameters())
+    mean, std = vae.latents_mean.view(-1, 1, 1, 1), vae.latents_std.view(-1, 1, 1, 1)
+    z = (z.to(p.device, p.dtype).permute(1, 0, 2, 3) * std / vae.config.scaling_factor + mean)[None]  # (1, C, f, h, w)
+    temb = None
+    if vae.config.timestep_conditioning:
+        s = decode_timestep if decode_noise_scale is None else decode_noise_scale
+        noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        z = (1 - s) * z + s * noise
+        temb = torch.tensor([decode_timestep], device=z.device, dtype=z.dtype)
+    return vae.decode(z, temb).sample[0].permute(1, 0, 2, 3).float().clamp(-1, 1).cpu()  # (F, 3, H, W)
+
+
+def read_video(path):
+    """An mp4 (any format ffmpeg reads) -> frames (F, 3, H, W) uint8 and fps. PyAV, imported here."""
+    try:
+        import av
+    except ImportError:
+        raise ValueError("reading videos needs PyAV: pip install av") from None
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            frames = [torch.from_numpy(f.to_ndarray(format="rgb24")) for f in container.decode(stream)]
+            fps = float(stream.average_rate or 16)
+    except Exception as e:
+        raise ValueError(f"video {path} cannot be decoded ({type(e).__name__}: {str(e)[:80]})") from None
+    if not frames:
+        raise ValueError(f"video {path} has no frames")
+    return torch.stack(frames).permute(0, 3, 1, 2), fps
+
+
+def write_video(path, frames, fps):
+    """frames (F, 3, H, W) uint8 -> an H.264 mp4 (yuv420p, playable everywhere). PyAV, imported here."""
+    import av
+
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream("libx264", rate=round(fps))
+        stream.height, stream.width, stream.pix_fmt = frames.shape[2], frames.shape[3], "yuv420p"
+        stream.options = {"crf": "18"}
+        for frame in frames.permute(0, 2, 3, 1).contiguous().numpy():
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
 
 
 #################################################################################

@@ -1074,3 +1074,102 @@ def test_short_task_training_gives_i2v_interp_and_a_baseline(tmp_path, capsys):
     full = torch.load(tmp_path / "f" / "samples.pt", weights_only=True)
     assert torch.equal(full["lengths"], full["source_lengths"])  # the baseline samples at the given length
     assert all((t == 0).all() for t in full["insert_time"])
+
+
+#################################################################################
+#           LTX latents: file format, normalisation, mp4, encode -> train        #
+#################################################################################
+
+
+def _tiny_vae(seed=0):
+    """A randomly initialised LTX VAE small enough for CPU tests (17 frames of 64x64 in about 0.1 s),
+    with per-channel statistics that are not the identity, so normalisation shows."""
+    from diffusers import AutoencoderKLLTXVideo
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLLTXVideo(block_out_channels=(16, 32, 64, 64), layers_per_block=(1,) * 5,
+                                decoder_block_out_channels=(16, 32, 64, 64), decoder_layers_per_block=(1,) * 5)
+    vae.latents_mean.copy_(0.3 * torch.randn(128))
+    vae.latents_std.copy_(0.5 + torch.rand(128))
+    return vae.eval()
+
+
+def _smooth_video(F, size=64, seed=0):
+    """uint8 (F, 3, size, size): a moving colour gradient, which H.264 keeps almost exactly."""
+    g = gen(seed)
+    phase, colour = torch.rand(1, generator=g) * 6, torch.rand(3, 1, 1, generator=g)
+    x = torch.linspace(0, 1, size)
+    frames = [(0.5 + 0.4 * torch.sin(6 * x[None, :] + 4 * x[:, None] + phase + 0.2 * f))[None] * colour for f in range(F)]
+    return (torch.stack(frames).expand(F, 3, size, size) * 255).round().to(torch.uint8)
+
+
+def test_latent_file_format_and_trainer_layout(tmp_path):
+    z = torch.randn(4, 128, 3, 2)
+    fc.save_latents(str(tmp_path / "ours.pt"), z, fps=16)
+    d = torch.load(tmp_path / "ours.pt", weights_only=True)
+    assert set(d) == {"latents", "num_frames", "height", "width", "fps"} and d["latents"].shape == (4 * 3 * 2, 128)
+    assert torch.equal(fc.load_latents(str(tmp_path / "ours.pt")), z)
+    # LTX-Video-Trainer packs (C, F, h, w) into tokens in (f, h, w) order, channels last
+    theirs = {"latents": z.permute(1, 0, 2, 3).permute(1, 2, 3, 0).reshape(-1, 128), "num_frames": 4, "height": 3, "width": 2, "fps": 24.0}
+    torch.save(theirs, tmp_path / "theirs.pt")
+    assert torch.equal(fc.load_latents(str(tmp_path / "theirs.pt")), z)
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pt is not readable"):
+        fc.load_latents(str(tmp_path / "bad.pt"))
+    with pytest.raises(ValueError, match="has 128 channels, the preset wants 64"):
+        fc.load_latents(str(tmp_path / "ours.pt"), channels=64)
+    with pytest.raises(ValueError, match="3x2 latents, the preset wants 8x8"):
+        fc.load_latents(str(tmp_path / "ours.pt"), size=(8, 8))
+
+
+def test_vae_frame_rule_shapes_and_normalisation():
+    vae = _tiny_vae()
+    assert [fc.vae_frames(n) for n in (1, 8, 9, 16, 17, 24, 25)] == [1, 1, 9, 9, 17, 17, 25]
+    pixels = _smooth_video(20).float() / 127.5 - 1  # 20 frames: cut to 17, never padded
+    z = fc.encode_video(vae, pixels)
+    assert z.shape == (3, 128, 2, 2)
+    with torch.no_grad():
+        raw = vae.encode(pixels[:17].permute(1, 0, 2, 3)[None]).latent_dist.mode()[0].permute(1, 0, 2, 3)
+    mean, std = vae.latents_mean.view(1, -1, 1, 1), vae.latents_std.view(1, -1, 1, 1)
+    assert torch.allclose(z * std / vae.config.scaling_factor + mean, raw, atol=1e-5)  # round trip of the statistics
+    assert not torch.allclose(z, raw, atol=1e-2)  # and they were applied
+    out = fc.decode_latents(vae, z)
+    assert out.shape == (17, 3, 64, 64) and out.abs().max() <= 1
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        fc.encode_video(vae, torch.zeros(9, 3, 48, 64))
+
+
+def test_mp4_round_trip(tmp_path):
+    frames = _smooth_video(17)
+    fc.write_video(str(tmp_path / "a.mp4"), frames, fps=16)
+    back, fps = fc.read_video(str(tmp_path / "a.mp4"))
+    assert back.shape == frames.shape and fps == 16
+    assert (back.float() - frames.float()).abs().mean() < 3  # H.264 at crf 18, uint8 units
+    (tmp_path / "broken.mp4").write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="broken.mp4 cannot be decoded"):
+        fc.read_video(str(tmp_path / "broken.mp4"))
+
+
+def test_encode_a_folder_then_train_on_it(tmp_path, capsys):
+    vae_dir, videos, latents = tmp_path / "vae", tmp_path / "videos", tmp_path / "latents"
+    _tiny_vae().save_pretrained(vae_dir)
+    videos.mkdir()
+    for F in (25, 33, 41):
+        fc.write_video(str(videos / f"clip{F}.mp4"), _smooth_video(F, seed=F), fps=16)
+    fc.write_video(str(videos / "short.mp4"), _smooth_video(5), fps=16)
+    (videos / "broken.mp4").write_bytes(b"\x00" * 100)
+    train.main(["--encode-videos", str(videos), "--out", str(latents), "--vae", str(vae_dir), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "encoded 3 of 5 videos" in out and "broken.mp4 cannot be decoded" in out and "short.mp4 has 5 frames" in out
+    assert sorted(fc.load_latents(str(p)).shape[0] for p in latents.glob("*.pt")) == [4, 5, 6]  # 1 + (F - 1) / 8
+    train.main(["--preset", "latent_tiny", "--data", str(latents), "--steps", "3", "--out", str(tmp_path / "run"), "--log-every", "1"])
+    log = _log(tmp_path / "run")
+    assert [r["step"] for r in log] == [1, 2, 3] and all(math.isfinite(r["velocity"]) for r in log)
+    (latents / "zz_bad.pt").write_bytes(b"junk")
+    code, _ = _run_cli(train.main, ["--preset", "latent_tiny", "--data", str(latents), "--steps", "1", "--out", str(tmp_path / "r2")], capsys)
+    assert "zz_bad.pt is not readable" in code
+    (tmp_path / "empty").mkdir()
+    code, _ = _run_cli(train.main, ["--preset", "latent_tiny", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r3")], capsys)
+    assert "no latent files" in code
+    code, _ = _run_cli(train.main, ["--preset", "taichi256", "--data", str(latents), "--out", str(tmp_path / "r4")], capsys)
+    assert "is 2x2 latents, the preset wants 8x8" in code

@@ -5,6 +5,8 @@
     python train.py --preset toy --steps 500 --out out/quick
     python train.py --resume                          # continue out/<preset>/ckpt.pt
     torchrun --standalone --nproc_per_node=2 train.py # data parallel: gloo on CPU, nccl on CUDA
+    python train.py --encode-videos videos/ --out data/latents --vae Lightricks/LTX-Video
+    torchrun --nproc_per_node=8 train.py --preset taichi256 --data data/latents
 
 One code path for 1..N processes. Every process builds the same global batch from the shared data
 stream and trains on its own rows, in --grad-accum micro-batches; the losses are normalised by the
@@ -15,6 +17,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -42,8 +45,11 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output folder (default out/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--data", choices=("toy", "synthetic"), help="toy: the 3-pixel videos; synthetic: random "
-                   "full-length clips of the preset's shape (throughput and memory measurements, nothing to learn)")
+    p.add_argument("--data", help="toy: the 3-pixel videos; synthetic: random full-length clips of the preset's "
+                   "shape (speed and memory measurements, nothing to learn); else a folder of latent files")
+    p.add_argument("--encode-videos", metavar="DIR", help="instead of training: encode the videos (*.mp4) of DIR "
+                   "into latent files in --out with the LTX VAE (--vae), then exit")
+    p.add_argument("--vae", default="Lightricks/LTX-Video", help="hub id or local folder of the LTX-Video VAE (diffusers)")
     p.add_argument("--steps", type=int, help="total optimizer steps")
     p.add_argument("--batch-size", type=int, help="videos per optimizer step, over all processes")
     p.add_argument("--grad-accum", type=int, help="micro-batches per process and step (gradient accumulation)")
@@ -121,12 +127,37 @@ def save_checkpoint(path, model, ema, opt, step, cfg, preset, data_rng):
     os.replace(path + ".tmp", path)
 
 
-def global_batch(cfg, kappa, data_rng):
+def encode_videos(src, out, vae_name, device):
+    """Every *.mp4 of src -> one latent file per clip in out; a bad video is reported and skipped."""
+    videos = sorted(glob.glob(os.path.join(src, "**", "*.mp4"), recursive=True))
+    if not videos:
+        raise ValueError(f"no videos (*.mp4) in {src}")
+    vae = fc.load_vae(vae_name, device)
+    os.makedirs(out, exist_ok=True)
+    failed = 0
+    for path in tqdm(videos, desc="encoding"):
+        try:
+            frames, fps = fc.read_video(path)
+            if frames.shape[0] < 1 + fc.LTX_TEMPORAL:
+                raise ValueError(f"video {path} has {frames.shape[0]} frames, fewer than {1 + fc.LTX_TEMPORAL}")
+            z = fc.encode_video(vae, frames.float() / 127.5 - 1)
+        except ValueError as e:
+            failed += 1
+            tqdm.write(f"skipped: {e}")
+            continue
+        name = os.path.splitext(os.path.relpath(path, src))[0].replace(os.sep, "__")
+        fc.save_latents(os.path.join(out, name + ".pt"), z, fps)
+    print(f"encoded {len(videos) - failed} of {len(videos)} videos into {out}" + (f" ({failed} skipped)" if failed else ""))
+
+
+def global_batch(cfg, kappa, data_rng, dataset=None):
     """The step's whole batch, built on the CPU from the shared data stream (the same on every process)."""
     # 1. clean videos, padded, with their lengths
     if cfg.data == "toy":
         x_1, lengths = toy_data.sample_toy_videos(cfg.batch_size, data_rng)
         x_1 = x_1[:, : int(lengths.max())]
+    elif dataset is not None:  # latent clips, drawn with replacement
+        x_1, lengths = dataset.batch(torch.randint(len(dataset), (cfg.batch_size,), generator=data_rng))
     else:  # synthetic: the longest clips the preset allows
         lengths = torch.full((cfg.batch_size,), cfg.max_frames)
         x_1 = torch.randn(cfg.batch_size, cfg.max_frames, cfg.channels, cfg.height, cfg.width, generator=data_rng)
@@ -158,9 +189,12 @@ def train(args):
     if ckpt is not None and not {"optimizer", "data_rng"} <= set(ckpt):
         raise ValueError(f"checkpoint {ckpt_path} has no optimizer or data state to resume from")
     cfg = make_config(args, base=fc.Config.from_dict(ckpt["config"]) if ckpt else None)
-    if cfg.data not in ("toy", "synthetic"):
-        raise ValueError(f"preset {args.preset!r} trains on LTX latents, whose loader is not built yet (issue 5); "
-                         "--data synthetic measures its speed and memory on random latents")
+    if cfg.data == "latents":
+        raise ValueError(f"preset {args.preset!r} trains on LTX latents: pass --data DIR (a folder of latent files, "
+                         "see `--encode-videos`), or --data synthetic to measure speed and memory")
+    dataset = fc.LatentFolder(cfg.data, cfg) if cfg.data not in ("toy", "synthetic") else None
+    if dataset is not None:
+        print0(f"{len(dataset)} latent clips in {cfg.data}")
     if cfg.batch_size % (world_size * cfg.grad_accum):
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of processes x grad_accum = {world_size * cfg.grad_accum}")
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
@@ -190,7 +224,7 @@ def train(args):
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0, dynamic_ncols=True)
     t_log, sums, n_logged = time.time(), torch.zeros(2, dtype=torch.float64), 0
     for step in bar:
-        batch = global_batch(cfg, kappa, data_rng)
+        batch = global_batch(cfg, kappa, data_rng, dataset)
         n_active, n_insert = batch.active.sum().clamp_min(1), batch.can_insert.sum().clamp_min(1)  # global counts
         opt.zero_grad(set_to_none=True)
         losses = torch.zeros(2, dtype=torch.float64)
@@ -240,6 +274,8 @@ def train(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.encode_videos:
+            return encode_videos(args.encode_videos, args.out or "data/latents", args.vae, args.device)
         train(args)
     except ValueError as e:
         sys.exit(f"error: {e}")
