@@ -107,6 +107,7 @@ class Config:
     batch_size: int = 64  # videos per optimizer step, over all processes
     grad_accum: int = 1  # micro-batches per process and step
     checkpointing: bool = False  # activation checkpointing: recompute each block in backward
+    fsdp: bool = False  # shard parameters, gradients, optimizer state and EMA block by block (FSDP2)
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.0
@@ -161,7 +162,7 @@ PRESETS = {
     "latent_tiny": Config(data="latents", channels=128, height=2, width=2, max_frames=9, patch=(1, 1), dim=64,
                           depth=2, heads=4, steps=200, batch_size=8, lr=1e-3, warmup=20),
     "taichi256": Config(data="latents", channels=128, height=8, width=8, max_frames=19, patch=(1, 1),
-                        dim=1536, depth=38, heads=24, batch_size=8, lr=1e-4, warmup=1000,
+                        dim=1536, depth=38, heads=24, batch_size=8, lr=1e-4, warmup=1000, fsdp=True, checkpointing=True,
                         steps=300_000, tau_density="logit_normal", ema_decay=0.9999),
 }
 

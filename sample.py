@@ -50,6 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--gamma", type=float, default=None, help="per-frame time t = u^gamma (Appendix E; default: the training gamma)")
     p.add_argument("--order", choices=fc.ORDERS, default="learned", help="where frames go (Table 2); 'full_sequence' = baseline")
     p.add_argument("--length", type=int, default=None, help="target length for --order (default: the data law / the context's video)")
+    p.add_argument("--vae", default="Lightricks/LTX-Video", help="latent presets: the LTX VAE (hub id or folder) that decodes to mp4")
+    p.add_argument("--fps", type=float, default=16.0, help="latent presets: frame rate of the mp4s")
+    p.add_argument("--decode-timestep", type=float, default=0.0, help="latent presets: decode timestep of timestep-conditioned LTX VAEs")
+    p.add_argument("--decode-noise-scale", type=float, default=None, help="latent presets: noise mixed in before decoding (default: the timestep)")
     p.add_argument("--raw", action="store_true", help="sample the raw weights instead of the EMA")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
@@ -69,8 +73,8 @@ def load_model(args):
         return oracle, cfg, "oracle"
     ckpt = fc.load_checkpoint(args.ckpt)
     cfg = fc.Config.from_dict(ckpt["config"])
-    if cfg.data != "toy":
-        raise ValueError(f"{args.ckpt} is a {ckpt['preset']!r} checkpoint; only toy checkpoints can be sampled so far")
+    if cfg.data != "toy" and args.task != "uncond" and args.context is None:
+        raise ValueError(f"{args.ckpt} is a latent preset: give the context latents with --context FILE")
     trained = fc.parse_tasks(cfg.tasks)
     if args.task != "uncond" and not trained.get(args.task):
         raise ValueError(f"{args.ckpt} was trained on tasks {cfg.tasks!r}, not {args.task!r} (train with --tasks or --preset toy_tasks)")
@@ -202,6 +206,24 @@ def save_pictures(samples, lengths, out, label):
     print(f"wrote {os.path.join(out, 'lengths.png')} and {os.path.join(out, 'videos.png')}")
 
 
+def write_latent_videos(samples, lengths, out, args, seconds):
+    """Latent presets: decode every sample through the LTX VAE, one clip at a time, into mp4s."""
+    nfe = torch.tensor([s.nfe for s in samples]).float()
+    print(f"{len(samples)} videos in {seconds:.0f} s: latent lengths {lengths.min()}..{lengths.max()} "
+          f"(mean {lengths.float().mean():.1f}, i.e. {1 + 8 * (lengths.float().mean() - 1):.0f} video frames) | NFE per video {nfe.mean():.0f}")
+    torch.save({"lengths": lengths, "insert_time": [s.insert_time for s in samples], "latents": [s.frames for s in samples],
+                "context": [s.context for s in samples], "nfe": nfe.long()}, os.path.join(out, "samples.pt"))
+    try:
+        vae = fc.load_vae(args.vae, args.device)
+        os.makedirs(os.path.join(out, "videos"), exist_ok=True)
+        for i, s in enumerate(tqdm(samples, desc="decoding")):
+            pixels = fc.decode_latents(vae, s.frames, args.decode_timestep, args.decode_noise_scale)
+            fc.write_video(os.path.join(out, "videos", f"sample_{i:04d}.mp4"), ((pixels + 1) * 127.5).round().to(torch.uint8), args.fps)
+    except ValueError as e:
+        sys.exit(f"error: {e} (the latents are in {os.path.join(out, 'samples.pt')})")
+    print(f"wrote {len(samples)} mp4s to {os.path.join(out, 'videos')} and the latents to {os.path.join(out, 'samples.pt')}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -216,6 +238,8 @@ def main(argv=None):
         gamma = cfg.gamma if args.gamma is None else args.gamma  # the oracle's cfg.gamma is --oracle-gamma
         prompt, source_lengths, anchors = task_inputs(args, frame_shape)
         targets = None
+        if order != "learned" and cfg.data != "toy" and not args.length:
+            raise ValueError(f"order {order!r} on a latent preset needs --length")
         if order != "learned":  # a target length per video: given, the context's own video, or the data law
             law = toy_data.sample_toy_videos(args.num, torch.Generator().manual_seed(HELD_OUT + args.seed))[1]
             targets = torch.full((args.num,), args.length) if args.length else (source_lengths if source_lengths is not None else law)
@@ -224,7 +248,7 @@ def main(argv=None):
         generator = torch.Generator(args.device).manual_seed(args.seed)
         kwargs = dict(frame_shape=frame_shape, kappa=cfg.make_kappa(), n_start=cfg.n_start, steps=args.steps,
                       sampler=args.sampler, max_reveal_prob=args.max_reveal_prob,
-                      max_frames=args.max_frames or 2 * cfg.max_frames, generator=generator, device=args.device,
+                      max_frames=args.max_frames or (2 if cfg.data == "toy" else 1) * cfg.max_frames, generator=generator, device=args.device,
                       rate_guidance=args.rate_guidance, cfg_scale=args.cfg, gamma=gamma, order=order)
         samples, t0 = [], time.time()
         for start in tqdm(range(0, args.num, args.batch_size), desc="sampling", unit="batch"):
@@ -237,6 +261,8 @@ def main(argv=None):
     seconds = time.time() - t0
     samples = [fc.Sample(s.frames.cpu(), s.insert_time.cpu(), s.nfe, s.refused, s.context.cpu()) for s in samples]
     lengths = torch.tensor([s.frames.shape[0] for s in samples])
+    if cfg.data != "toy":
+        return write_latent_videos(samples, lengths, out, args, seconds)
     print_histogram(lengths)
     m = toy_data.length_metrics(lengths)
     nfe = torch.tensor([s.nfe for s in samples]).float()

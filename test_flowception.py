@@ -946,16 +946,22 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
     assert first[-1]["velocity"] != first[0]["velocity"]  # the run did move
 
 
-def test_two_processes_equal_one_process(tmp_path):
-    """torchrun --nproc_per_node=2 (gloo) on the same global batch: same losses, same weights."""
+@pytest.mark.parametrize("parallel", ["DDP", "FSDP2"])
+def test_two_processes_equal_one_process(tmp_path, parallel):
+    """torchrun --nproc_per_node=2 (gloo) on the same global batch: same losses, same weights (and EMA),
+    replicated (DDP) or sharded (FSDP2, gathered into the checkpoint)."""
+    flag = ["--fsdp"] if parallel == "FSDP2" else []
     train.main(DP_RUN + ["--out", str(tmp_path / "one")])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *DP_RUN, "--out", str(tmp_path / "two"), "--device", "cpu"]
+           *DP_RUN, *flag, "--out", str(tmp_path / "two"), "--device", "cpu"]
     done = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "on 2 x cpu" in done.stdout
+    assert f"on 2 x cpu (1 micro-batches each; {parallel}" in done.stdout
     _assert_same_run(tmp_path / "one", tmp_path / "two")
+    if parallel == "FSDP2":  # and the sharded run resumes from its gathered checkpoint in one process
+        train.main(DP_RUN[:3] + ["6"] + DP_RUN[4:] + ["--out", str(tmp_path / "two"), "--resume", "--fsdp"])
+        assert [r["step"] for r in _log(tmp_path / "two")][-2:] == [5, 6]
 
 
 def test_activation_checkpointing_recomputes_and_changes_nothing():
@@ -1165,6 +1171,11 @@ def test_encode_a_folder_then_train_on_it(tmp_path, capsys):
     train.main(["--preset", "latent_tiny", "--data", str(latents), "--steps", "3", "--out", str(tmp_path / "run"), "--log-every", "1"])
     log = _log(tmp_path / "run")
     assert [r["step"] for r in log] == [1, 2, 3] and all(math.isfinite(r["velocity"]) for r in log)
+    sample.main(["--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--num", "3", "--steps", "4", "--vae", str(vae_dir)])
+    saved = torch.load(tmp_path / "run" / "samples.pt", weights_only=True)
+    for i, z in enumerate(saved["latents"]):  # every sample decoded one clip at a time: 1 + 8 (f - 1) frames
+        frames, fps = fc.read_video(str(tmp_path / "run" / "videos" / f"sample_{i:04d}.mp4"))
+        assert frames.shape == (1 + 8 * (z.shape[0] - 1), 3, 64, 64) and fps == 16
     (latents / "zz_bad.pt").write_bytes(b"junk")
     code, _ = _run_cli(train.main, ["--preset", "latent_tiny", "--data", str(latents), "--steps", "1", "--out", str(tmp_path / "r2")], capsys)
     assert "zz_bad.pt is not readable" in code

@@ -26,6 +26,8 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from tqdm import tqdm
 
 import flowception as fc
@@ -53,7 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="total optimizer steps")
     p.add_argument("--batch-size", type=int, help="videos per optimizer step, over all processes")
     p.add_argument("--grad-accum", type=int, help="micro-batches per process and step (gradient accumulation)")
-    p.add_argument("--checkpointing", action="store_true", default=None, help="recompute each block in backward (activation checkpointing)")
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each block in backward (activation checkpointing); taichi256 default")
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
+                   help="shard parameters, gradients, optimizer state and EMA per block (FSDP2); taichi256 default")
     p.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
     p.add_argument("--warmup", type=int, help="linear warm-up steps, then cosine decay to lr / 10")
     p.add_argument("--seed", type=int, help="seed of the model init and the data stream")
@@ -92,17 +97,32 @@ def make_config(args, base=None):
     return dataclasses.replace(base, **overrides)
 
 
-def setup_distributed(device):
-    """Rank, world size and device from torchrun's environment; a process group when there are several."""
+def setup_distributed(device, fsdp=False):
+    """Rank, world size and device from torchrun's environment; a process group when there are several
+    processes, or for FSDP2 (which needs one even alone)."""
     global rank, world_size
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend)
+    elif fsdp and not dist.is_initialized():
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return device
+
+
+def shard(model, device):
+    """FSDP2: every block, then the rest, sharded over the processes; on CUDA, compute in bf16 and reduce
+    gradients in fp32 (the sharded parameters, the optimizer state and the EMA stay fp32)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    for block in model.blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
 
 
 def lr_at(step, cfg):
@@ -119,12 +139,22 @@ def update_ema(ema, model, decay):
         e.lerp_(p, 1 - decay)
 
 
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on the CPU, whatever the sharding
+
+
 def save_checkpoint(path, model, ema, opt, step, cfg, preset, data_rng):
-    """One flat dict of tensors and plain data, written atomically (temp file, then rename)."""
-    ckpt = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "step": step, "config": dataclasses.asdict(cfg), "preset": preset, "data_rng": data_rng.get_state()}
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """One flat dict of full (gathered) tensors and plain data, written atomically by rank 0.
+
+    Gathered rather than sharded: one file that loads with torch.load(weights_only=True) anywhere, and
+    resumes on any number of processes with or without FSDP2; for taichi256 it is 26 GB, written once
+    per ckpt_every steps. Every process must call this (the gathering is collective).
+    """
+    ckpt = {"model": get_model_state_dict(model, options=FULL), "ema": get_model_state_dict(ema, options=FULL),
+            "optimizer": get_optimizer_state_dict(model, opt, options=FULL), "step": step,
+            "config": dataclasses.asdict(cfg), "preset": preset, "data_rng": data_rng.get_state()}
+    if rank == 0:
+        torch.save(ckpt, path + ".tmp")
+        os.replace(path + ".tmp", path)
 
 
 def encode_videos(src, out, vae_name, device):
@@ -180,7 +210,6 @@ def my_micro_batches(batch, accum):
 
 
 def train(args):
-    device = setup_distributed(args.device)
     out = args.out or os.path.join("out", args.preset)
     ckpt_path = os.path.join(out, "ckpt.pt")
     ckpt = fc.load_checkpoint(ckpt_path) if args.resume else None
@@ -189,6 +218,7 @@ def train(args):
     if ckpt is not None and not {"optimizer", "data_rng"} <= set(ckpt):
         raise ValueError(f"checkpoint {ckpt_path} has no optimizer or data state to resume from")
     cfg = make_config(args, base=fc.Config.from_dict(ckpt["config"]) if ckpt else None)
+    device = setup_distributed(args.device, cfg.fsdp)
     if cfg.data == "latents":
         raise ValueError(f"preset {args.preset!r} trains on LTX latents: pass --data DIR (a folder of latent files, "
                          "see `--encode-videos`), or --data synthetic to measure speed and memory")
@@ -202,24 +232,30 @@ def train(args):
     with torch.device(device):  # initialise in place: seconds instead of minutes for taichi256 on a GPU
         model = fc.build_model(cfg)
     ema = copy.deepcopy(model).requires_grad_(False)
+    if cfg.fsdp:
+        shard(model, device)
+        shard(ema, device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     kappa = cfg.make_kappa()
     start = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
+        load = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, ckpt["model"], options=load)
+        set_model_state_dict(ema, ckpt["ema"], options=load)
+        set_optimizer_state_dict(model, opt, ckpt["optimizer"], options=load)
         data_rng.set_state(ckpt["data_rng"])
         start = ckpt["step"]
         print0(f"resumed from {ckpt_path} at step {start}")
-    net = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    net = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 and not cfg.fsdp else model
     os.makedirs(out, exist_ok=True)
     log_path = os.path.join(out, "log.jsonl")  # one JSON line per step: step, velocity, rate, lr
     if rank == 0 and ckpt is None and os.path.exists(log_path):
         os.remove(log_path)
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"preset {args.preset}: {n_params / 1e6:.2f}M parameters, {cfg.steps} steps of {cfg.batch_size} videos "
-           f"on {world_size} x {device.type} ({cfg.grad_accum} micro-batches each)")
+           f"on {world_size} x {device.type} ({cfg.grad_accum} micro-batches each; "
+           f"{'FSDP2' if cfg.fsdp else 'DDP' if world_size > 1 else 'one process'}"
+           f"{', activation checkpointing' if cfg.checkpointing else ''})")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0, dynamic_ncols=True)
     t_log, sums, n_logged = time.time(), torch.zeros(2, dtype=torch.float64), 0
@@ -231,8 +267,10 @@ def train(args):
         micro = my_micro_batches(batch, cfg.grad_accum)
         for i, mb in enumerate(micro):
             mb = fc.TrainingBatch(**{k: v.to(device) for k, v in vars(mb).items()})
-            last = i == len(micro) - 1  # DDP all-reduces the gradients once, after the last micro-batch
-            with autocast, (net.no_sync() if world_size > 1 and not last else contextlib.nullcontext()):
+            last = i == len(micro) - 1  # gradients are reduced once, after the last micro-batch
+            if cfg.fsdp:
+                model.set_requires_gradient_sync(last)
+            with autocast, (net.no_sync() if net is not model and not last else contextlib.nullcontext()):
                 v, log_lam = net(mb.x_t, mb.t, mb.mask, mb.cond)
                 # this micro-batch's share of the global means (Eqs. 12, 20)
                 loss_v = fc.velocity_loss(v, mb, count=n_active)
@@ -261,11 +299,11 @@ def train(args):
                 bar.write(f"step {done:6d} | velocity {sums[0] / n_logged:.4f} | rate {sums[1] / n_logged:.4f} | "
                           f"lr {lr:.2e} | {speed:.2f} steps/s, {speed * cfg.batch_size:.1f} videos/s{memory}")
             t_log, sums, n_logged = time.time(), torch.zeros(2, dtype=torch.float64), 0
-        if rank == 0 and cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == cfg.steps):
+        if cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == cfg.steps):
             save_checkpoint(ckpt_path, model, ema, opt, done, cfg, args.preset, data_rng)
     print0(f"saved {ckpt_path}; sample it with: python sample.py --ckpt {ckpt_path}" if cfg.ckpt_every
            else "no checkpoint written (ckpt_every = 0)")
-    if world_size > 1:
+    if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
     return ckpt_path
