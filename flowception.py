@@ -1163,6 +1163,8 @@ def load_vae(name_or_path, device="cpu", dtype=torch.float32):
         from diffusers import AutoencoderKLLTXVideo
     except ImportError:
         raise ValueError("the LTX VAE needs diffusers: pip install diffusers") from None
+    if name_or_path.startswith((os.sep, ".")) and not os.path.isdir(name_or_path):
+        raise ValueError(f"VAE folder {name_or_path} does not exist")
     sub = "vae" if not os.path.isfile(os.path.join(name_or_path, "config.json")) else None
     try:
         vae = AutoencoderKLLTXVideo.from_pretrained(name_or_path, subfolder=sub, torch_dtype=dtype)

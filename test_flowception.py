@@ -1075,7 +1075,7 @@ def test_short_task_training_gives_i2v_interp_and_a_baseline(tmp_path, capsys):
     capsys.readouterr()
     train.main(["--preset", "toy_tasks", "--full-sequence", "--steps", "200", "--out", str(tmp_path / "full"), "--log-every", "100"])
     losses = [float(line.split("velocity ")[1].split()[0]) for line in capsys.readouterr().out.splitlines() if "velocity " in line]
-    assert len(losses) == 2 and losses[1] < 0.8 * losses[0]  # it learns (measured: 0.60 -> 0.29)
+    assert len(losses) == 2 and losses[1] < 0.8 * losses[0]  # it learns (measured: 0.96 -> 0.53)
     sample.main(["--ckpt", str(tmp_path / "full" / "ckpt.pt"), "--num", "64", "--task", "i2v", "--out", str(tmp_path / "f")])
     full = torch.load(tmp_path / "f" / "samples.pt", weights_only=True)
     assert torch.equal(full["lengths"], full["source_lengths"])  # the baseline samples at the given length
@@ -1143,6 +1143,10 @@ def test_vae_frame_rule_shapes_and_normalisation():
     assert out.shape == (17, 3, 64, 64) and out.abs().max() <= 1
     with pytest.raises(ValueError, match="not a multiple of 32"):
         fc.encode_video(vae, torch.zeros(9, 3, 48, 64))
+    with pytest.raises(ValueError, match="VAE folder /nonexistent/ltx-vae does not exist"):
+        fc.load_vae("/nonexistent/ltx-vae")
+    with pytest.raises(ValueError, match="cannot load the LTX VAE from"):  # a folder that holds no VAE
+        fc.load_vae(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_mp4_round_trip(tmp_path):

@@ -119,7 +119,10 @@ def shard(model, device):
     gradients in fp32 (the sharded parameters, the optimizer state and the EMA stay fp32)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    # cast_forward_inputs=False: autocast already computes in bf16, and a cast inside a checkpointed
+    # block would change the recomputed tensors' dtype (CheckpointError under --checkpointing)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
     for block in model.blocks:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
