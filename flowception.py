@@ -2,8 +2,9 @@
 Flowception: variable-length video generation that interleaves continuous flow-matching denoising of
 frames with discrete, learned frame insertions (arXiv 2512.11438). Read this file top to bottom:
 
-    config -> scheduler kappa -> extended-time training state -> losses -> DiT -> sampler
-    (with the exact posterior-mean oracle the tests use) -> checkpoints
+    config -> scheduler kappa -> extended-time training state (with context patterns) -> losses
+    -> DiT -> sampler (prompts, guidance, gamma, insertion orders; the exact posterior-mean oracle
+    the tests use) -> LTX-Video latents and mp4 -> checkpoints
 
 Conventions, used everywhere
 ----------------------------
