@@ -698,6 +698,27 @@ def build_model(cfg):
     return Flowception(cfg)
 
 
+def forward_flops(cfg, frames):
+    """Matmul FLOPs of one forward pass over ONE video of `frames` real frames (padding excluded).
+
+    As torchtitan and nanoGPT count: 2 per parameter per token it touches, plus attention's two
+    matmuls, 4 * D per query-key pair per block. Block linears run on every token (the rate token
+    too); the patch embedding and velocity head on patch tokens; adaLN, the time embedding and the
+    rate head once per frame; the count embedding once per video. Training costs 3x this
+    (forward + backward), recomputation under activation checkpointing aside.
+    """
+    D, C, (ph, pw) = cfg.dim, cfg.channels, cfg.patch
+    L = (cfg.height // ph) * (cfg.width // pw)  # patch tokens per frame; L + 1 with the rate token
+    hidden = int(D * cfg.mlp_ratio)
+    per_token = cfg.depth * (4 * D * D + 2 * D * hidden)  # qkv, projection, MLP
+    per_patch = 2 * C * ph * pw * D + D * C * ph * pw  # patch embedding (2C channels in), velocity head
+    per_frame = (256 * D + D * D) + cfg.depth * 6 * D * D + 2 * D * D + (D * D + D)  # t emb., adaLN, final adaLN, rate head
+    per_video = (256 * D + D * D) if cfg.count_embedding else 0
+    near = sum(min(frames, i + cfg.window + 1) - max(0, i - cfg.window) for i in range(frames)) if cfg.window else frames**2
+    pairs = near * (L + 1) ** 2  # query-key pairs that attention computes for real tokens
+    return 2 * (frames * ((L + 1) * per_token + L * per_patch + per_frame) + per_video) + 4 * cfg.depth * D * pairs
+
+
 #################################################################################
 #                       Sampler (Algorithm 1, Appendix B.3)                     #
 #################################################################################

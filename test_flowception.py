@@ -912,6 +912,25 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys):
     assert "cannot resume with a different model shape: dim" in code
 
 
+@pytest.mark.parametrize("count_embedding", [True, False])
+@pytest.mark.parametrize("frames", [1, 5])
+def test_forward_flops_match_the_flop_counter(frames, count_embedding):
+    """Every matmul the model runs on an unpadded video is in forward_flops; torch's FlopCounterMode does
+    not count CPU attention, whose two matmuls are 4 * D FLOPs per query-key pair by definition."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = fc.Config(**{**vars(SMALL), "count_embedding": count_embedding})
+    model = fc.build_model(cfg)
+    x = torch.randn(1, frames, cfg.channels, cfg.height, cfg.width)
+    with FlopCounterMode(display=False) as counter:
+        model(x, torch.rand(1, frames), torch.ones(1, frames, dtype=torch.bool), torch.zeros_like(x))
+    L1 = (cfg.height // cfg.patch[0]) * (cfg.width // cfg.patch[1]) + 1
+    attention = 4 * cfg.depth * cfg.dim * (frames * L1) ** 2
+    assert counter.get_total_flops() + attention == fc.forward_flops(cfg, frames)
+    windowed = fc.forward_flops(fc.Config(**{**vars(cfg), "window": 1}), frames)
+    assert windowed == fc.forward_flops(cfg, frames) - 4 * cfg.depth * cfg.dim * L1**2 * max(frames - 2, 0) * (frames - 1)
+
+
 #################################################################################
 #              Data parallel: processes and micro-batches add up exactly         #
 #################################################################################
