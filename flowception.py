@@ -23,6 +23,7 @@ rates   the model predicts, for every visible frame j, log lam_j, where lam_j es
         of frames still pending between frame j and the next visible frame (Corollary B.3). A pending
         frame is revealed between global times a < b with probability reveal_prob(a, b).
 """
+import fractions
 import glob
 import heapq
 import math
@@ -1159,12 +1160,14 @@ class LatentFolder:
         files = sorted(glob.glob(os.path.join(folder, "**", "*.pt"), recursive=True))
         if not files:
             raise ValueError(f"no latent files (*.pt) in {folder} (encode videos with `python train.py --encode-videos`)")
-        self.clips = []
+        self.clips, short = [], []
         for path in tqdm(files, desc=f"checking {folder}", disable=len(files) < 100):
             z = load_latents(path, cfg.channels, (cfg.height, cfg.width))
-            if z.shape[0] < cfg.n_start + 2:
-                raise ValueError(f"latent file {path} has {z.shape[0]} frames; training needs at least {cfg.n_start + 2}")
-            self.clips.append(z[: cfg.max_frames])
+            (short if z.shape[0] < cfg.n_start + 2 else self.clips).append(z[: cfg.max_frames])  # the first max_frames
+        if short:
+            print(f"{folder}: skipped {len(short)} clips of fewer than {cfg.n_start + 2} latent frames")
+        if not self.clips:
+            raise ValueError(f"no clip in {folder} has {cfg.n_start + 2} latent frames or more")
 
     def __len__(self):
         return len(self.clips)
@@ -1257,10 +1260,12 @@ def read_video(path):
 
 def write_video(path, frames, fps):
     """frames (F, 3, H, W) uint8 -> an H.264 mp4 (yuv420p, playable everywhere). PyAV, imported here."""
-    import av
-
+    try:
+        import av
+    except ImportError:
+        raise ValueError("writing videos needs PyAV: pip install av") from None
     with av.open(path, mode="w") as container:
-        stream = container.add_stream("libx264", rate=round(fps))
+        stream = container.add_stream("libx264", rate=fractions.Fraction(fps).limit_denominator(1001))
         stream.height, stream.width, stream.pix_fmt = frames.shape[2], frames.shape[3], "yuv420p"
         stream.options = {"crf": "18"}
         for frame in frames.permute(0, 2, 3, 1).contiguous().numpy():
@@ -1278,7 +1283,7 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path} does not exist (train one with `python train.py`)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)  # 26 GB for taichi256
     except Exception as e:  # truncated file, not a torch file, unsafe pickle...
         raise ValueError(f"checkpoint {path} is not a readable checkpoint ({type(e).__name__})") from None
     missing = {"model", "ema", "config", "step", "preset"} - set(ckpt if isinstance(ckpt, dict) else ())

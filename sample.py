@@ -102,6 +102,11 @@ def task_inputs(args, frame_shape):
         if not os.path.isfile(args.context):
             raise ValueError(f"context file {args.context} does not exist")
         frames = torch.load(args.context, weights_only=True)
+        if isinstance(frames, dict):  # a latent file: its first frame, first clip, or first and last frame
+            z = fc.load_latents(args.context)
+            frames = {"i2v": z[:1], "extend": z[: args.prefix], "interp": z[[0, -1]]}[args.task]
+        if not isinstance(frames, torch.Tensor):
+            raise ValueError(f"context file {args.context} holds no tensor")
         frames = frames.expand(N, *frames.shape) if frames.ndim == 4 else frames
         if frames.ndim != 5 or frames.shape[0] != N or tuple(frames.shape[2:]) != tuple(frame_shape):
             raise ValueError(f"context frames must be (A, {', '.join(map(str, frame_shape))}) or ({N}, A, ...), "
@@ -206,7 +211,7 @@ def save_pictures(samples, lengths, out, label):
     print(f"wrote {os.path.join(out, 'lengths.png')} and {os.path.join(out, 'videos.png')}")
 
 
-def write_latent_videos(samples, lengths, out, args, seconds):
+def write_latent_videos(samples, lengths, out, args, seconds, vae):
     """Latent presets: decode every sample through the LTX VAE, one clip at a time, into mp4s."""
     nfe = torch.tensor([s.nfe for s in samples]).float()
     print(f"{len(samples)} videos in {seconds:.0f} s: latent lengths {lengths.min()}..{lengths.max()} "
@@ -214,7 +219,6 @@ def write_latent_videos(samples, lengths, out, args, seconds):
     torch.save({"lengths": lengths, "insert_time": [s.insert_time for s in samples], "latents": [s.frames for s in samples],
                 "context": [s.context for s in samples], "nfe": nfe.long()}, os.path.join(out, "samples.pt"))
     try:
-        vae = fc.load_vae(args.vae, args.device)
         os.makedirs(os.path.join(out, "videos"), exist_ok=True)
         for i, s in enumerate(tqdm(samples, desc="decoding")):
             pixels = fc.decode_latents(vae, s.frames, args.decode_timestep, args.decode_noise_scale)
@@ -250,6 +254,7 @@ def main(argv=None):
                       sampler=args.sampler, max_reveal_prob=args.max_reveal_prob,
                       max_frames=args.max_frames or (2 if cfg.data == "toy" else 1) * cfg.max_frames, generator=generator, device=args.device,
                       rate_guidance=args.rate_guidance, cfg_scale=args.cfg, gamma=gamma, order=order)
+        vae = fc.load_vae(args.vae, args.device) if cfg.data != "toy" and not args.oracle else None  # fail early
         samples, t0 = [], time.time()
         for start in tqdm(range(0, args.num, args.batch_size), desc="sampling", unit="batch"):
             part = slice(start, min(start + args.batch_size, args.num))
@@ -262,7 +267,7 @@ def main(argv=None):
     samples = [fc.Sample(s.frames.cpu(), s.insert_time.cpu(), s.nfe, s.refused, s.context.cpu()) for s in samples]
     lengths = torch.tensor([s.frames.shape[0] for s in samples])
     if cfg.data != "toy":
-        return write_latent_videos(samples, lengths, out, args, seconds)
+        return write_latent_videos(samples, lengths, out, args, seconds, vae)
     print_histogram(lengths)
     m = toy_data.length_metrics(lengths)
     nfe = torch.tensor([s.nfe for s in samples]).float()

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import datetime
 import glob
 import json
 import math
@@ -107,8 +108,8 @@ def setup_distributed(device, fsdp=False):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend)
+    if world_size > 1 and not dist.is_initialized():  # long timeout: rank 0 may be writing a 26 GB checkpoint
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
     elif fsdp and not dist.is_initialized():
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return device
@@ -160,8 +161,11 @@ def save_checkpoint(path, model, ema, opt, step, cfg, preset, data_rng):
         os.replace(path + ".tmp", path)
 
 
-def encode_videos(src, out, vae_name, device):
-    """Every *.mp4 of src -> one latent file per clip in out; a bad video is reported and skipped."""
+def encode_videos(src, out, vae_name, device, max_frames):
+    """Every *.mp4 of src -> one latent file per clip in out, cut to the preset's max_frames latent frames
+    (1 + 8 (max_frames - 1) video frames); a bad video is reported and skipped."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ValueError("--encode-videos runs in one process (not under torchrun)")
     videos = sorted(glob.glob(os.path.join(src, "**", "*.mp4"), recursive=True))
     if not videos:
         raise ValueError(f"no videos (*.mp4) in {src}")
@@ -173,10 +177,11 @@ def encode_videos(src, out, vae_name, device):
             frames, fps = fc.read_video(path)
             if frames.shape[0] < 1 + fc.LTX_TEMPORAL:
                 raise ValueError(f"video {path} has {frames.shape[0]} frames, fewer than {1 + fc.LTX_TEMPORAL}")
+            frames = frames[: 1 + fc.LTX_TEMPORAL * (max_frames - 1)]
             z = fc.encode_video(vae, frames.float() / 127.5 - 1)
-        except ValueError as e:
+        except (ValueError, RuntimeError) as e:  # RuntimeError: e.g. out of memory on a huge frame size
             failed += 1
-            tqdm.write(f"skipped: {e}")
+            tqdm.write(f"skipped: {e}" if isinstance(e, ValueError) else f"skipped: {path} ({type(e).__name__}: {str(e)[:80]})")
             continue
         name = os.path.splitext(os.path.relpath(path, src))[0].replace(os.sep, "__")
         fc.save_latents(os.path.join(out, name + ".pt"), z, fps)
@@ -252,8 +257,10 @@ def train(args):
     net = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 and not cfg.fsdp else model
     os.makedirs(out, exist_ok=True)
     log_path = os.path.join(out, "log.jsonl")  # one JSON line per step: step, velocity, rate, lr
-    if rank == 0 and ckpt is None and os.path.exists(log_path):
-        os.remove(log_path)
+    if rank == 0 and os.path.exists(log_path):  # a fresh run starts a new log; a resumed one drops later rows
+        rows = [line for line in open(log_path) if ckpt is not None and json.loads(line)["step"] <= start]
+        with open(log_path, "w") as f:
+            f.writelines(rows)
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"preset {args.preset}: {n_params / 1e6:.2f}M parameters, {cfg.steps} steps of {cfg.batch_size} videos "
            f"on {world_size} x {device.type} ({cfg.grad_accum} micro-batches each; "
@@ -281,8 +288,10 @@ def train(args):
                 loss = loss_v + (0.0 if cfg.full_sequence else cfg.rate_weight) * loss_r  # baseline: nothing to insert
                 (loss * world_size).backward()  # DDP averages over processes; the counts are already global
             losses += torch.stack([loss_v.detach(), loss_r.detach()]).double().cpu()
-        if world_size > 1:
-            dist.all_reduce(losses)  # the global batch's losses, for the log
+        if world_size > 1:  # the global batch's losses, for the log (on the device: nccl has no CPU tensors)
+            on_device = losses.to(device)
+            dist.all_reduce(on_device)
+            losses = on_device.cpu()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         lr = lr_at(step, cfg)
@@ -316,7 +325,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         if args.encode_videos:
-            return encode_videos(args.encode_videos, args.out or "data/latents", args.vae, args.device)
+            return encode_videos(args.encode_videos, args.out or "data/latents", args.vae, args.device,
+                                 fc.PRESETS[args.preset].max_frames)
         train(args)
     except ValueError as e:
         sys.exit(f"error: {e}")
