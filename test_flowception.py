@@ -1207,3 +1207,18 @@ def test_encode_a_folder_then_train_on_it(tmp_path, capsys):
     assert "no latent files" in code
     code, _ = _run_cli(train.main, ["--preset", "taichi256", "--data", str(latents), "--out", str(tmp_path / "r4")], capsys)
     assert "is 2x2 latents, the preset wants 8x8" in code
+
+
+def test_benchmark_prints_consistent_ratios(capsys):
+    """--benchmark measures, it does not train: useful FLOPs <= executed FLOPs for both modes, and a
+    Flowception video costs fewer useful FLOPs than a full-sequence one (it sees a subset of frames)."""
+    train.main(["--benchmark", "3", "--batch-size", "8", "--dim", "32", "--depth", "1", "--out", "/nonexistent/never-written"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if "TFLOP/video useful" in line]
+    assert len(rows) == 2
+    for row in rows:
+        useful, executed = (float(row.split(" TFLOP/video useful, ")[0].split("| ")[-1]),
+                            float(row.split(" TFLOP/video useful, ")[1].split(" executed")[0]))
+        assert useful <= executed * (1 + 1e-9)
+    ratio = float(out.split("FLOPs ")[1].split(" useful")[0])
+    assert 0.5 < ratio < 1.0

@@ -52,6 +52,9 @@ def parse_args(argv=None):
                    "shape (speed and memory measurements, nothing to learn); else a folder of latent files")
     p.add_argument("--encode-videos", metavar="DIR", help="instead of training: encode the videos (*.mp4) of DIR "
                    "into latent files in --out with the LTX VAE (--vae), then exit")
+    p.add_argument("--benchmark", type=int, metavar="STEPS", help="instead of training: time STEPS steps each of "
+                   "Flowception and the full-sequence baseline, alternating; print throughput, FLOPs, MFU and ratios")
+    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s of one device for MFU (default: 989 on an H100/H200)")
     p.add_argument("--vae", default="Lightricks/LTX-Video", help="hub id or local folder of the LTX-Video VAE (diffusers)")
     p.add_argument("--steps", type=int, help="total optimizer steps")
     p.add_argument("--batch-size", type=int, help="videos per optimizer step, over all processes")
@@ -217,6 +220,81 @@ def my_micro_batches(batch, accum):
     return out
 
 
+def forward_backward(net, model, batch, cfg, kappa, device, autocast):
+    """Gradients of the global batch's loss from this process's micro-batches -> the global losses (2,)."""
+    n_active, n_insert = batch.active.sum().clamp_min(1), batch.can_insert.sum().clamp_min(1)  # global counts
+    losses = torch.zeros(2, dtype=torch.float64)
+    micro = my_micro_batches(batch, cfg.grad_accum)
+    for i, mb in enumerate(micro):
+        mb = fc.TrainingBatch(**{k: v.to(device) for k, v in vars(mb).items()})
+        last = i == len(micro) - 1  # gradients are reduced once, after the last micro-batch
+        if cfg.fsdp:
+            model.set_requires_gradient_sync(last)
+        with autocast, (net.no_sync() if net is not model and not last else contextlib.nullcontext()):
+            v, log_lam = net(mb.x_t, mb.t, mb.mask, mb.cond)
+            # this micro-batch's share of the global means (Eqs. 12, 20)
+            loss_v = fc.velocity_loss(v, mb, count=n_active)
+            loss_r = fc.rate_loss(log_lam, mb, kappa, cfg.hazard_weight, count=n_insert)
+            loss = loss_v + (0.0 if cfg.full_sequence else cfg.rate_weight) * loss_r  # baseline: nothing to insert
+            (loss * world_size).backward()  # DDP averages over processes; the counts are already global
+        losses += torch.stack([loss_v.detach(), loss_r.detach()]).double().cpu()
+    if world_size > 1:  # the global batch's losses, for the log (on the device: nccl has no CPU tensors)
+        on_device = losses.to(device)
+        dist.all_reduce(on_device)
+        losses = on_device.cpu()
+    return losses
+
+
+def benchmark(args, cfg, net, model, opt, kappa, data_rng, dataset, device, autocast):
+    """Time training steps of Flowception and of the full-sequence baseline on the same data geometry,
+    alternating step by step after 2 warm-up steps each; print throughput, FLOPs, MFU and the ratios.
+
+    FLOPs are model FLOPs (3x forward_flops, without the recomputation of activation checkpointing),
+    over real frames ('useful') and over the padded batch ('executed').
+    """
+    modes = {"Flowception": cfg, "full sequence": dataclasses.replace(cfg, full_sequence=True)}
+    L1 = (cfg.height // cfg.patch[0]) * (cfg.width // cfg.patch[1]) + 1
+    peak = args.peak_tflops
+    if peak is None and device.type == "cuda" and any(g in torch.cuda.get_device_name(device) for g in ("H100", "H200")):
+        peak = 989.0  # dense bf16, SXM
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    stats = {name: dict(seconds=0.0, videos=0, real=0, padded=0, flops=0.0, executed=0.0, memory=0.0) for name in modes}
+    for step in tqdm(range(args.benchmark + 2), desc="benchmark", disable=rank != 0):
+        for name, c in modes.items():
+            batch = global_batch(c, kappa, data_rng, dataset)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sync()
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            forward_backward(net, model, batch, c, kappa, device, autocast)
+            opt.step()
+            sync()
+            if step < 2:
+                continue
+            st, frames = stats[name], batch.mask.sum(dim=1)
+            st["seconds"] += time.perf_counter() - t0
+            st["videos"] += len(frames)
+            st["real"] += int(frames.sum()) * L1
+            st["padded"] += batch.mask.numel() * L1
+            st["flops"] += 3 * sum(fc.forward_flops(c, int(f)) for f in frames)
+            st["executed"] += 3 * len(frames) * fc.forward_flops(c, batch.mask.shape[1])
+            st["memory"] = max(st["memory"], torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0)
+    print0(f"{args.preset}, batch {cfg.batch_size}, {args.benchmark} timed steps each, {world_size} x {device.type}"
+           f"{f', peak {peak:.0f} TFLOP/s' if peak else ''}")
+    for name, st in stats.items():
+        achieved = st["flops"] / st["seconds"] / 1e12
+        mfu = f" | MFU {achieved / peak:.1%}" if peak else ""
+        memory = f" | peak memory {st['memory']:.1f} GiB" if device.type == "cuda" else ""
+        print0(f"{name:>13}: {st['videos'] / st['seconds']:8.1f} videos/s | {st['real'] / st['seconds']:10.0f} tokens/s | "
+               f"{st['flops'] / st['videos'] / 1e12:.4g} TFLOP/video useful, {st['executed'] / st['videos'] / 1e12:.4g} executed | "
+               f"{achieved:.3g} TFLOP/s{mfu} | padding efficiency {st['real'] / st['padded']:.1%}{memory}")
+    a, b = stats["Flowception"], stats["full sequence"]
+    print0(f"Flowception / full sequence per video: FLOPs {a['flops'] / a['videos'] / (b['flops'] / b['videos']):.3f} useful, "
+           f"{a['executed'] / a['videos'] / (b['executed'] / b['videos']):.3f} executed; "
+           f"wall-clock {a['seconds'] / a['videos'] / (b['seconds'] / b['videos']):.3f}")
+
+
 def train(args):
     out = args.out or os.path.join("out", args.preset)
     ckpt_path = os.path.join(out, "ckpt.pt")
@@ -255,6 +333,9 @@ def train(args):
         start = ckpt["step"]
         print0(f"resumed from {ckpt_path} at step {start}")
     net = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 and not cfg.fsdp else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    if args.benchmark:  # nothing is written
+        return benchmark(args, cfg, net, model, opt, kappa, data_rng, dataset, device, autocast)
     os.makedirs(out, exist_ok=True)
     log_path = os.path.join(out, "log.jsonl")  # one JSON line per step: step, velocity, rate, lr
     if rank == 0 and os.path.exists(log_path):  # a fresh run starts a new log; a resumed one drops later rows
@@ -266,32 +347,12 @@ def train(args):
            f"on {world_size} x {device.type} ({cfg.grad_accum} micro-batches each; "
            f"{'FSDP2' if cfg.fsdp else 'DDP' if world_size > 1 else 'one process'}"
            f"{', activation checkpointing' if cfg.checkpointing else ''})")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0, dynamic_ncols=True)
     t_log, sums, n_logged = time.time(), torch.zeros(2, dtype=torch.float64), 0
     for step in bar:
         batch = global_batch(cfg, kappa, data_rng, dataset)
-        n_active, n_insert = batch.active.sum().clamp_min(1), batch.can_insert.sum().clamp_min(1)  # global counts
         opt.zero_grad(set_to_none=True)
-        losses = torch.zeros(2, dtype=torch.float64)
-        micro = my_micro_batches(batch, cfg.grad_accum)
-        for i, mb in enumerate(micro):
-            mb = fc.TrainingBatch(**{k: v.to(device) for k, v in vars(mb).items()})
-            last = i == len(micro) - 1  # gradients are reduced once, after the last micro-batch
-            if cfg.fsdp:
-                model.set_requires_gradient_sync(last)
-            with autocast, (net.no_sync() if net is not model and not last else contextlib.nullcontext()):
-                v, log_lam = net(mb.x_t, mb.t, mb.mask, mb.cond)
-                # this micro-batch's share of the global means (Eqs. 12, 20)
-                loss_v = fc.velocity_loss(v, mb, count=n_active)
-                loss_r = fc.rate_loss(log_lam, mb, kappa, cfg.hazard_weight, count=n_insert)
-                loss = loss_v + (0.0 if cfg.full_sequence else cfg.rate_weight) * loss_r  # baseline: nothing to insert
-                (loss * world_size).backward()  # DDP averages over processes; the counts are already global
-            losses += torch.stack([loss_v.detach(), loss_r.detach()]).double().cpu()
-        if world_size > 1:  # the global batch's losses, for the log (on the device: nccl has no CPU tensors)
-            on_device = losses.to(device)
-            dist.all_reduce(on_device)
-            losses = on_device.cpu()
+        losses = forward_backward(net, model, batch, cfg, kappa, device, autocast)
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         lr = lr_at(step, cfg)
