@@ -1053,18 +1053,17 @@ def generate(model, num_videos, frame_shape, kappa=None, n_start=1, steps=100, s
         state = replace(state, x=x, t=t, u=u, t_g=t_next, step=state.step + 1)
         # 3. insertions to the right of every active frame, while t_g < 1 (Alg. 1 line 9; Eq. (34))
         if k + 1 < len(grid):
-            p = float(kappa.reveal_prob(torch.tensor(grid[k]), torch.tensor(grid[k + 1])))
-            if plan is not None:
-                n_new, revealed = planned_insertions(plan, revealed, p, mask.shape[1], generator)
-            else:
-                rate = torch.where(mask & ~state.passive, log_lam.float().exp() * p, 0.0)  # (B, F) expected insertions
-                if order == "full_sequence":
-                    rate = torch.zeros_like(rate)
-                if sampler == "poisson":
-                    n_new = torch.poisson(rate, generator=generator)
+            if order != "full_sequence":  # the baseline inserts nothing
+                p = float(kappa.reveal_prob(torch.tensor(grid[k]), torch.tensor(grid[k + 1])))
+                if plan is not None:
+                    n_new, revealed = planned_insertions(plan, revealed, p, mask.shape[1], generator)
                 else:
-                    n_new = torch.bernoulli(rate.clamp(max=1), generator=generator)
-            state = insert_frames(state, n_new, t_next, max_frames, generator)
+                    rate = torch.where(mask & ~state.passive, log_lam.float().exp() * p, 0.0)  # (B, F) expected insertions
+                    if sampler == "poisson":
+                        n_new = torch.poisson(rate, generator=generator)
+                    else:
+                        n_new = torch.bernoulli(rate.clamp(max=1), generator=generator)
+                state = insert_frames(state, n_new, t_next, max_frames, generator)
             k += 1
         if callback is not None:
             callback(state)
