@@ -24,6 +24,7 @@ rates   the model predicts, for every visible frame j, log lam_j, where lam_j es
         frame is revealed between global times a < b with probability reveal_prob(a, b).
 """
 import fractions
+import functools
 import glob
 import heapq
 import math
@@ -35,6 +36,7 @@ import torch.nn.functional as nnf
 import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from tqdm import tqdm
 
 #################################################################################
@@ -87,6 +89,7 @@ class Config:
     heads: int = 4
     mlp_ratio: float = 4.0
     window: int = 0  # local attention over +-window frames; 0 = full attention
+    attention: str = "sdpa"  # "sdpa": a dense bool mask; "flex": FlexAttention with a BlockMask (for CUDA)
     # Not in the paper: add an embedding of the current frame count m to every frame's adaLN input.
     # The exact rate of an uninformative video is a sharp function of m and t_g (PosteriorMeanOracle);
     # with relative (RoPE) positions only, the DiT must learn to count, and on the toy it did not
@@ -108,6 +111,9 @@ class Config:
     steps: int = 3000
     batch_size: int = 64  # videos per optimizer step, over all processes
     grad_accum: int = 1  # micro-batches per process and step
+    pack: int = 0  # pack the training videos into rows of this many frames, several per row; 0: pad each
+    #                (one video per row, padded to the batch's longest). Rows grow to the longest video.
+    compile: bool = False  # torch.compile every block (for CUDA; on CPU it needs a C++ compiler)
     checkpointing: bool = False  # activation checkpointing: recompute each block in backward
     fsdp: bool = False  # shard parameters, gradients, optimizer state and EMA block by block (FSDP2)
     lr: float = 1e-3
@@ -128,7 +134,7 @@ class Config:
         for name in ("lr", "mlp_ratio", "gamma"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("window", "warmup", "weight_decay", "grad_clip", "rate_weight", "ckpt_every"):
+        for name in ("window", "pack", "warmup", "weight_decay", "grad_clip", "rate_weight", "ckpt_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
@@ -136,6 +142,8 @@ class Config:
         if not 0 <= self.cond_dropout < 1:
             raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
         parse_tasks(self.tasks)
+        if self.attention not in ("sdpa", "flex"):
+            raise ValueError(f"attention must be 'sdpa' or 'flex', got {self.attention!r}")
         if self.n_start > self.max_frames:
             raise ValueError(f"n_start={self.n_start} exceeds max_frames={self.max_frames}")
 
@@ -152,10 +160,10 @@ class Config:
 
 PRESETS = {
     # 3-pixel toy videos of Appendix F; 0.35M parameters; trains on 2 CPU cores in about 4 minutes.
-    "toy": Config(steps=2000, batch_size=32, lr=2e-3, tau_density="late"),
+    "toy": Config(steps=2000, batch_size=32, lr=2e-3, tau_density="late", pack=30),
     # the same toy trained on every task of Figure 4 (unconditional, image-to-video, interpolation,
     # continuation), with conditioning dropout for guidance; about 7 minutes on 2 CPU cores.
-    "toy_tasks": Config(steps=3000, batch_size=32, lr=2e-3, tau_density="late",
+    "toy_tasks": Config(steps=3000, batch_size=32, lr=2e-3, tau_density="late", pack=30,
                         tasks="uncond:1,i2v:1,interp:1,extend:1", cond_dropout=0.1),
     # the paper's 256 px Tai-Chi config over 128-channel LTX latents at 8x8: 1,627,827,073 parameters
     # (1,625,074,561 without the count embedding; the paper's "2.1B" adds a joint-attention text
@@ -446,7 +454,11 @@ def gather_frames(x, index):
 
 @dataclass
 class TrainingBatch:
-    """What the model sees: the visible frames of each video, stripped to the front and padded."""
+    """What the model sees: the visible frames of each video, stripped to the front and padded.
+
+    Every field is per frame, so that rows can be cut into micro-batches or packed (pack_batch) by
+    moving frames: a row holds one video (video = 0 on its frames), or several after packing.
+    """
 
     x_t: torch.Tensor  # (B, F', C, H, W) noisy visible frames, Eq. (10)
     cond: torch.Tensor  # (B, F', C, H, W) conditioning stream (clean context frames, else zeros)
@@ -456,7 +468,9 @@ class TrainingBatch:
     active: torch.Tensor  # (B, F')      bool, frame still flowing: velocity loss
     can_insert: torch.Tensor  # (B, F')  bool, slot that may insert, rate loss while tau_g < 1
     K: torch.Tensor  # (B, F')           long, pending count right of each slot
-    tau_g: torch.Tensor  # (B,)
+    tau_g: torch.Tensor  # (B, F')       the video's global time, on each of its frames
+    video: torch.Tensor  # (B, F')       long, which video of the row a frame belongs to; -1: padding
+    position: torch.Tensor  # (B, F')    long, the frame's index in its video
 
 
 def make_training_batch(x_1, state, generator=None, cond_dropout=0.0):
@@ -480,7 +494,45 @@ def make_training_batch(x_1, state, generator=None, cond_dropout=0.0):
     return TrainingBatch(x_t=visible_only(x_t), cond=visible_only(cond), t=visible_only(state.t), mask=mask,
                          target=visible_only(x_1 - x_0), active=visible_only(state.active) & mask,
                          can_insert=mask & ~visible_only(state.passive) & (state.tau_g < 1)[:, None],
-                         K=visible_only(state.K) * mask, tau_g=state.tau_g)
+                         K=visible_only(state.K) * mask, tau_g=state.tau_g[:, None].expand(mask.shape),
+                         video=torch.where(mask, 0, -1), position=torch.arange(mask.shape[1], device=mask.device).expand(mask.shape))
+
+
+def pack_rows(lengths, capacity):
+    """First-fit decreasing: lists of video indices, one per row, each row holding <= capacity frames."""
+    rows, free = [], []
+    for b in sorted(range(len(lengths)), key=lambda b: -lengths[b]):
+        r = next((r for r, room in enumerate(free) if room >= lengths[b]), len(rows))
+        if r == len(rows):
+            rows.append([])
+            free.append(capacity)
+        rows[r].append(b)
+        free[r] -= lengths[b]
+    return rows
+
+
+def pack_batch(batch, capacity):
+    """A padded TrainingBatch (one video per row) -> the same frames in rows of `capacity` frames (at least
+    the longest video), several videos per row, one after another; `video` tags each frame with its
+    video's batch index, and the model's attention stays within a video (Flowception.attention_mask).
+    The losses only sum over frames, so they are unchanged; the model runs on fewer padding frames."""
+    lengths = batch.mask.sum(dim=1).tolist()
+    capacity = max(capacity, max(lengths))
+    rows = pack_rows(lengths, capacity)
+    src_b = torch.zeros(len(rows), capacity, dtype=torch.long)  # where each packed frame comes from
+    src_f, video = torch.zeros_like(src_b), torch.full_like(src_b, -1)
+    for r, row in enumerate(rows):
+        f = 0
+        for b in row:
+            src_b[r, f: f + lengths[b]], src_f[r, f: f + lengths[b]] = b, torch.arange(lengths[b])
+            video[r, f: f + lengths[b]] = b
+            f += lengths[b]
+    real = video >= 0
+
+    def move(v):  # (B, F', ...) -> (R, capacity, ...), zero (False) on padding
+        return torch.where(real.view(*real.shape, *[1] * (v.dim() - 2)), v[src_b, src_f], torch.zeros((), dtype=v.dtype))
+    moved = {k: move(v) for k, v in vars(batch).items() if k not in ("video", "position")}
+    return TrainingBatch(**moved, video=video, position=src_f * real)
 
 
 #################################################################################
@@ -511,7 +563,7 @@ def rate_loss(log_lam, batch, kappa=None, hazard_weight=False, count=None):
     nll = log_lam.exp() - batch.K.float() * log_lam  # (B, F')
     if hazard_weight:
         kappa = kappa or LinearKappa()
-        nll = nll * kappa.hazard(batch.tau_g.clamp(0, 1 - 1e-4).float())[:, None]
+        nll = nll * kappa.hazard(batch.tau_g.clamp(0, 1 - 1e-4).float())
     nll = torch.where(batch.can_insert, nll, 0.0)  # where, not a product: padding may hold inf
     return nll.sum() / (batch.can_insert.sum().clamp_min(1) if count is None else count)
 
@@ -564,6 +616,13 @@ def apply_rope(x, cos, sin):
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
 
+@functools.cache
+def compiled_flex_attention():
+    """FlexAttention compiled once, for CUDA. Off CUDA, Attention runs the uncompiled reference (slow, forward
+    only; for tests): in torch 2.13 the compiled CPU kernel gave NaN rows and failed to recompile."""
+    return torch.compile(flex_attention)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with QK-norm and 3D RoPE; masks come from the caller."""
 
@@ -577,7 +636,11 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, attn_mask):  # x (B, N, D)
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)  # (B, h, N, hd)
-        out = nnf.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, hd)
+        if isinstance(attn_mask, BlockMask):
+            flex = compiled_flex_attention() if q.is_cuda else flex_attention
+            out = flex(q, k, v, block_mask=attn_mask)  # (B, h, N, hd)
+        else:
+            out = nnf.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, hd)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)
 
 
@@ -650,37 +713,54 @@ class Flowception(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def positions(self, F, device):
-        """RoPE positions (F, L+1, 3): (frame index, h, w); the rate token sits at the frame's centre."""
+    def positions(self, position):
+        """RoPE positions (B, F, L+1, 3) of every token: (its frame's index in its own video, h, w); the rate
+        token sits at the frame's centre."""
         hp, wp = self.cfg.height // self.cfg.patch[0], self.cfg.width // self.cfg.patch[1]
-        f, h, w = torch.meshgrid(torch.arange(F), torch.arange(hp), torch.arange(wp), indexing="ij")
-        patches = torch.stack([f, h, w], dim=-1).flatten(1, 2).float()  # (F, L, 3)
-        centre = torch.stack([torch.arange(F).float(), torch.full((F,), (hp - 1) / 2), torch.full((F,), (wp - 1) / 2)], -1)
-        return torch.cat([patches, centre[:, None]], dim=1).to(device)  # (F, L+1, 3)
+        h, w = torch.meshgrid(torch.arange(hp), torch.arange(wp), indexing="ij")
+        hw = torch.cat([torch.stack([h, w], -1).flatten(0, 1).float(), torch.tensor([[(hp - 1) / 2, (wp - 1) / 2]])])
+        hw = hw.to(position.device).expand(*position.shape, -1, -1)  # (B, F, L+1, 2)
+        return torch.cat([position[:, :, None, None].float().expand(*hw.shape[:3], 1), hw], dim=-1)
 
-    def attention_mask(self, mask, L1):
-        """(B, 1, N, N) bool: keys must be real frames (and within +-window frames of the query)."""
-        keys = mask.repeat_interleave(L1, dim=1)[:, None, None, :]  # (B, 1, 1, N)
-        if not self.cfg.window:
-            return keys
-        frame = torch.arange(mask.shape[1], device=mask.device).repeat_interleave(L1)  # (N,)
-        return keys & ((frame[:, None] - frame[None, :]).abs() <= self.cfg.window)  # (B, 1, N, N)
+    def attention_mask(self, video, position, L1):
+        """Who attends to whom: the tokens of the same video (and within +-window frames of each other).
 
-    def forward(self, x_t, t, mask, cond):
+        attention="sdpa": a (B, 1, N, N) bool mask. "flex": a FlexAttention BlockMask, built once per
+        forward pass and shared by every block, that skips the blocks between different videos of a
+        packed row (so long rows cost no more than their videos). One rule, `allowed`, defines both.
+        """
+        video, position = video.repeat_interleave(L1, dim=1), position.repeat_interleave(L1, dim=1)  # (B, N)
+
+        def allowed(b, h, q, k):  # FlexAttention's mask_mod signature; broadcasts for the dense mask
+            same = video[b, q] == video[b, k]
+            return same & ((position[b, q] - position[b, k]).abs() <= self.cfg.window) if self.cfg.window else same
+
+        (B, N), device = video.shape, video.device
+        if self.cfg.attention == "flex":
+            return create_block_mask(allowed, B, None, N, N, device=device)
+        i = torch.arange(N, device=device)
+        return allowed(torch.arange(B, device=device)[:, None, None], None, i[:, None], i)[:, None]  # (B, 1, N, N)
+
+    def forward(self, x_t, t, mask, cond, video=None, position=None):
+        """video, position (B, F) long: which video of the row each frame belongs to (-1: padding) and its
+        index in that video, for rows packed with several videos (pack_batch); by default one video per row."""
         cfg = self.cfg
         B, F = mask.shape
         ph, pw = cfg.patch
+        if video is None:
+            video = torch.where(mask, 0, -1)
+            position = torch.arange(F, device=mask.device).expand(B, F)
         z = torch.cat([x_t, cond], dim=2)  # (B, F, 2C, H, W)
         tokens = rearrange(z, "b f c (h p) (w q) -> b f (h w) (p q c)", p=ph, q=pw)
         x = self.x_embedder(tokens.to(self.x_embedder.weight.dtype))  # (B, F, L, D)
         x = torch.cat([x, self.rate_token.to(x.dtype).expand(B, F, 1, -1)], dim=2)  # (B, F, L+1, D)
         L1 = x.shape[2]
         c = self.t_embedder(t)  # (B, F, D) per-frame time embedding
-        if self.count_embedder is not None:  # how many frames the video has now (see Config)
-            c = c + self.count_embedder(mask.sum(dim=1))[:, None]  # (B, F, D)
-        angles = rope_angles(self.positions(F, x.device), cfg.dim // cfg.heads).flatten(0, 1)  # (N, hd/2)
-        cos, sin = angles.cos()[None, None], angles.sin()[None, None]  # (1, 1, N, hd/2)
-        attn_mask = self.attention_mask(mask, L1)
+        if self.count_embedder is not None:  # how many frames each frame's video has now (see Config)
+            c = c + self.count_embedder((video[:, :, None] == video[:, None, :]).sum(dim=2))  # (B, F, D)
+        angles = rope_angles(self.positions(position).flatten(1, 2), cfg.dim // cfg.heads)  # (B, N, hd/2)
+        cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # (B, 1, N, hd/2)
+        attn_mask = self.attention_mask(video, position, L1)
         for block in self.blocks:
             if cfg.checkpointing and torch.is_grad_enabled():  # keep only block inputs; recompute in backward
                 x = torch.utils.checkpoint.checkpoint(block, x, c, cos, sin, attn_mask, use_reentrant=False)
@@ -704,8 +784,8 @@ def forward_flops(cfg, frames):
 
     As torchtitan and nanoGPT count: 2 per parameter per token it touches, plus attention's two
     matmuls, 4 * D per query-key pair per block. Block linears run on every token (the rate token
-    too); the patch embedding and velocity head on patch tokens; adaLN, the time embedding and the
-    rate head once per frame; the count embedding once per video. Training costs 3x this
+    too); the patch embedding and velocity head on patch tokens; adaLN, the time and count embeddings
+    and the rate head once per frame. Training costs 3x this
     (forward + backward), recomputation under activation checkpointing aside.
     """
     D, C, (ph, pw) = cfg.dim, cfg.channels, cfg.patch
@@ -713,11 +793,10 @@ def forward_flops(cfg, frames):
     hidden = int(D * cfg.mlp_ratio)
     per_token = cfg.depth * (4 * D * D + 2 * D * hidden)  # qkv, projection, MLP
     per_patch = 2 * C * ph * pw * D + D * C * ph * pw  # patch embedding (2C channels in), velocity head
-    per_frame = (256 * D + D * D) + cfg.depth * 6 * D * D + 2 * D * D + (D * D + D)  # t emb., adaLN, final adaLN, rate head
-    per_video = (256 * D + D * D) if cfg.count_embedding else 0
+    per_frame = (256 * D + D * D) * (1 + cfg.count_embedding) + cfg.depth * 6 * D * D + 2 * D * D + (D * D + D)
     near = sum(min(frames, i + cfg.window + 1) - max(0, i - cfg.window) for i in range(frames)) if cfg.window else frames**2
     pairs = near * (L + 1) ** 2  # query-key pairs that attention computes for real tokens
-    return 2 * (frames * ((L + 1) * per_token + L * per_patch + per_frame) + per_video) + 4 * cfg.depth * D * pairs
+    return 2 * frames * ((L + 1) * per_token + L * per_patch + per_frame) + 4 * cfg.depth * D * pairs
 
 
 #################################################################################

@@ -7,6 +7,7 @@
     python sample.py --order hierarchical          # Table 2's data-independent insertion orders
     python sample.py --steps 100 --sampler bernoulli --max-reveal-prob 1   # Algorithm 1 exactly
     python sample.py --oracle                      # the exact posterior-mean rate instead of a model
+    python sample.py --benchmark                   # FLOPs and time vs the full-sequence baseline
 
 Context frames come from held-out toy videos (a seed stream training never uses) or from a file
 (--context FILE: a tensor (A, C, H, W) or (N, A, C, H, W) saved with torch.save). Prints a terminal
@@ -55,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--decode-timestep", type=float, default=0.0, help="latent presets: decode timestep of timestep-conditioned LTX VAEs")
     p.add_argument("--decode-noise-scale", type=float, default=None, help="latent presets: noise mixed in before decoding (default: the timestep)")
     p.add_argument("--raw", action="store_true", help="sample the raw weights instead of the EMA")
+    p.add_argument("--benchmark", action="store_true", help="instead of sampling: generate with Flowception, then with the "
+                   "full-sequence baseline at the same lengths and steps per frame; print NFE, FLOPs and wall-clock")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
@@ -228,6 +231,45 @@ def write_latent_videos(samples, lengths, out, args, seconds, vae):
     print(f"wrote {len(samples)} mp4s to {os.path.join(out, 'videos')} and the latents to {os.path.join(out, 'samples.pt')}")
 
 
+class FlopCounter:
+    """model(x_t, t, mask, cond), counting the FLOPs of each call: 'useful' over every video's real frames,
+    'executed' over the padded batch the model runs on."""
+
+    def __init__(self, model, cfg):
+        self.model, self.cfg, self.useful, self.executed = model, cfg, 0.0, 0.0
+
+    def __call__(self, x_t, t, mask, cond):
+        self.useful += sum(fc.forward_flops(self.cfg, int(m)) for m in mask.sum(dim=1))
+        self.executed += mask.shape[0] * fc.forward_flops(self.cfg, mask.shape[1])
+        return self.model(x_t, t, mask, cond)
+
+
+def benchmark(model, cfg, args, generate_all):
+    """Flowception, then the full-sequence baseline at the lengths Flowception generated, both with
+    --steps flow steps per frame (exactly so with --max-reveal-prob 1; the default grid gives frames
+    more steps before t_g = 1). The baseline's cost does not depend on the weights, so one model does."""
+    sync = torch.cuda.synchronize if "cuda" in str(args.device) else (lambda: None)
+    results, lengths = {}, None
+    for name, order in (("Flowception", "learned"), ("full sequence", "full_sequence")):
+        counted = FlopCounter(model, cfg)
+        sync()
+        t0 = time.perf_counter()
+        samples = generate_all(counted, order, lengths)
+        sync()
+        seconds = time.perf_counter() - t0
+        lengths = torch.tensor([s.frames.shape[0] for s in samples])
+        n = len(samples)
+        results[name] = r = dict(nfe=sum(s.nfe for s in samples) / n, useful=counted.useful / n, executed=counted.executed / n,
+                                 seconds=seconds / n)
+        print(f"{name:>13}: NFE per video {r['nfe']:6.1f} | {r['useful'] / 1e9:.4g} GFLOP/video useful, "
+              f"{r['executed'] / 1e9:.4g} executed | {1 / r['seconds']:.1f} videos/s | mean length {lengths.float().mean():.2f}")
+    a, b = results["Flowception"], results["full sequence"]
+    print(f"Flowception / full sequence per video ({args.num} videos, batch {args.batch_size}, {args.steps} steps per frame, "
+          f"max_reveal_prob {args.max_reveal_prob}): NFE {a['nfe'] / b['nfe']:.3f} | FLOPs {a['useful'] / b['useful']:.3f} useful, "
+          f"{a['executed'] / b['executed']:.3f} executed | wall-clock {a['seconds'] / b['seconds']:.3f}")
+    return results
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -248,19 +290,29 @@ def main(argv=None):
             law = toy_data.sample_toy_videos(args.num, torch.Generator().manual_seed(HELD_OUT + args.seed))[1]
             targets = torch.full((args.num,), args.length) if args.length else (source_lengths if source_lengths is not None else law)
         out = args.out or ("out/oracle" if args.oracle else os.path.dirname(args.ckpt) or ".")
-        os.makedirs(out, exist_ok=True)
         generator = torch.Generator(args.device).manual_seed(args.seed)
         kwargs = dict(frame_shape=frame_shape, kappa=cfg.make_kappa(), n_start=cfg.n_start, steps=args.steps,
                       sampler=args.sampler, max_reveal_prob=args.max_reveal_prob,
                       max_frames=args.max_frames or (2 if cfg.data == "toy" else 1) * cfg.max_frames, generator=generator, device=args.device,
-                      rate_guidance=args.rate_guidance, cfg_scale=args.cfg, gamma=gamma, order=order)
+                      rate_guidance=args.rate_guidance, cfg_scale=args.cfg, gamma=gamma)
+
+        def generate_all(model, order, targets):
+            samples = []
+            for start in tqdm(range(0, args.num, args.batch_size), desc=f"sampling ({order})", unit="batch"):
+                part = slice(start, min(start + args.batch_size, args.num))
+                sub = None if prompt is None else fc.Prompt(prompt.frames[part], prompt.context[part], prompt.passive[part])
+                samples += fc.generate(model, part.stop - part.start, prompt=sub, order=order,
+                                       lengths=None if targets is None else targets[part], **kwargs)
+            return samples
+
+        if args.benchmark:
+            if cfg.full_sequence or order != "learned":
+                raise ValueError("--benchmark compares a Flowception checkpoint's learned insertions with the baseline")
+            return benchmark(model, cfg, args, generate_all)
+        os.makedirs(out, exist_ok=True)
         vae = fc.load_vae(args.vae, args.device) if cfg.data != "toy" and not args.oracle else None  # fail early
-        samples, t0 = [], time.time()
-        for start in tqdm(range(0, args.num, args.batch_size), desc="sampling", unit="batch"):
-            part = slice(start, min(start + args.batch_size, args.num))
-            sub = None if prompt is None else fc.Prompt(prompt.frames[part], prompt.context[part], prompt.passive[part])
-            samples += fc.generate(model, part.stop - part.start, prompt=sub,
-                                   lengths=None if targets is None else targets[part], **kwargs)
+        t0 = time.time()
+        samples = generate_all(model, order, targets)
     except ValueError as e:
         sys.exit(f"error: {e}")
     seconds = time.time() - t0

@@ -246,7 +246,8 @@ def _loss_batch(K, can_insert, active=None):
     return fc.TrainingBatch(x_t=torch.zeros(B, F, 1, 1, 1), cond=torch.zeros(B, F, 1, 1, 1), t=torch.zeros(B, F),
                             mask=torch.ones(B, F, dtype=torch.bool), target=torch.zeros(B, F, 1, 1, 1),
                             active=active if active is not None else torch.ones(B, F, dtype=torch.bool),
-                            can_insert=can_insert, K=K, tau_g=torch.zeros(B))
+                            can_insert=can_insert, K=K, tau_g=torch.zeros(B, F),
+                            video=torch.zeros(B, F, dtype=torch.long), position=torch.arange(F).expand(B, F))
 
 
 @given(st.lists(st.integers(0, 20), min_size=2, max_size=30), st.integers(0, 2**16))
@@ -818,6 +819,79 @@ def test_local_window_limits_what_a_frame_sees():
     assert moved[:3].max() == 0  # frames 0..2 are out of reach
 
 
+def _training_batch(lengths, cfg=SMALL, seed=0, tasks="uncond:1,i2v:1,interp:1,extend:1"):
+    g, lengths = gen(seed), torch.tensor(lengths)
+    x_1 = torch.randn(len(lengths), int(lengths.max()), cfg.channels, cfg.height, cfg.width, generator=g)
+    context, passive = fc.sample_context(lengths, tasks, g)
+    state = fc.sample_training_state(lengths, n_start=1, generator=g, context=context, passive=passive)
+    return fc.make_training_batch(x_1, state, generator=g)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(3, 8), min_size=1, max_size=12), st.integers(1, 16), st.integers(0, 2**16))
+def test_packing_moves_every_frame_once_into_first_fit_rows(lengths, capacity, seed):
+    """pack_batch is a placement of frames: each video lands whole, in order, in one row; every field
+    travels with its frame; padding is inert; and no two rows could have been one (first fit)."""
+    batch = _training_batch(lengths, seed=seed)
+    packed = fc.pack_batch(batch, capacity)
+    m = batch.mask.sum(dim=1)
+    cap = max(capacity, int(m.max()))
+    assert packed.mask.shape[1] == cap and torch.equal(packed.mask, packed.video >= 0)
+    fills = packed.mask.sum(dim=1).tolist()
+    assert all(fills[i] + fills[j] > cap for i in range(len(fills)) for j in range(i + 1, len(fills)))
+    for b in range(len(lengths)):
+        r, f = (packed.video == b).nonzero(as_tuple=True)
+        assert len(set(r.tolist())) == 1 and torch.equal(f, f[0] + torch.arange(int(m[b])))
+        assert torch.equal(packed.position[r, f], torch.arange(int(m[b])))
+        for k, v in vars(batch).items():
+            if k not in ("video", "position"):
+                assert torch.equal(getattr(packed, k)[r, f], v[b, : int(m[b])]), k
+    pad = ~packed.mask
+    assert not (packed.active[pad].any() or packed.can_insert[pad].any() or packed.K[pad].any())
+
+
+@pytest.mark.parametrize("window, count_embedding", [(0, True), (1, False)])
+def test_packed_rows_give_the_padded_outputs_losses_and_gradients(window, count_embedding):
+    """Seven videos packed into rows of 8 frames: every frame's velocity and rate, both losses and every
+    gradient equal those of the padded batch (one video per row). Attention stays within a video (and
+    its window), RoPE positions and the count embedding are per video."""
+    cfg = fc.Config(**{**vars(SMALL), "window": window, "count_embedding": count_embedding})
+    model = _randomised(cfg).train()
+    padded = _training_batch([8, 3, 5, 4, 7, 3, 6], cfg, seed=1)
+    packed = fc.pack_batch(padded, 8)
+    assert packed.mask.shape[0] < padded.mask.shape[0] and (packed.video.amax(dim=1) > packed.video[:, 0]).any()
+    out = []
+    for b in (padded, packed):
+        model.zero_grad()
+        v, log_lam = model(b.x_t, b.t, b.mask, b.cond, b.video, b.position)
+        losses = torch.stack([fc.velocity_loss(v, b), fc.rate_loss(log_lam, b)])
+        losses.sum().backward()
+        frames = torch.cat([(b.video == i) & b.mask if b is packed else (torch.arange(7)[:, None] == i) & b.mask
+                            for i in range(7)]).view(7, *b.mask.shape)  # (videos, rows, F) each video's frames
+        out.append((torch.cat([v[f] for f in frames]), torch.cat([log_lam[f] for f in frames]), losses.detach(),
+                    [p.grad.clone() for p in model.parameters()]))
+    (v0, l0, loss0, g0), (v1, l1, loss1, g1) = out
+    assert torch.allclose(v0, v1, atol=1e-5) and torch.allclose(l0, l1, atol=1e-5) and torch.allclose(loss0, loss1, rtol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(g0, g1))
+    assert v0.std() > 1e-3 and l0.std() > 1e-4 and loss0.min() > 0 and min(g.abs().max() for g in g0) > 0
+
+
+def test_flex_attention_block_mask_matches_the_dense_mask():
+    """FlexAttention (the CUDA kernel's reference implementation on the CPU, forward only) with the BlockMask of a
+    packed, windowed batch gives the dense SDPA mask's outputs."""
+    cfg = fc.Config(**{**vars(SMALL), "window": 1, "attention": "sdpa"})
+    model = _randomised(cfg)
+    batch = fc.pack_batch(_training_batch([8, 3, 5, 4, 7, 3, 6], cfg, seed=1), 8)
+    inputs = (batch.x_t, batch.t, batch.mask, batch.cond, batch.video, batch.position)
+    with torch.no_grad():
+        v, log_lam = model(*inputs)
+        model.cfg = fc.Config(**{**vars(cfg), "attention": "flex"})
+        assert isinstance(model.attention_mask(batch.video, batch.position, 5), fc.BlockMask)
+        v_flex, log_lam_flex = model(*inputs)
+    real = batch.mask
+    assert torch.allclose(v_flex[real], v[real], atol=1e-5) and torch.allclose(log_lam_flex[real], log_lam[real], atol=1e-5)
+
+
 def test_adaln_zero_start():
     """At init every gate and the velocity head are zero: v = 0 and log lam = 0 (lam = 1) whatever the input."""
     model = fc.build_model(SMALL)
@@ -957,10 +1031,12 @@ def _assert_same_run(a, b, tol=1e-5):
     return moved
 
 
-def test_grad_accumulation_equals_one_big_batch(tmp_path):
+def test_grad_accumulation_and_packing_equal_one_big_padded_batch(tmp_path):
     train.main(DP_RUN + ["--out", str(tmp_path / "one")])
     train.main(DP_RUN + ["--out", str(tmp_path / "four"), "--grad-accum", "4"])
     _assert_same_run(tmp_path / "one", tmp_path / "four")
+    train.main(DP_RUN + ["--out", str(tmp_path / "packed"), "--grad-accum", "2", "--pack", "30"])
+    _assert_same_run(tmp_path / "one", tmp_path / "packed")
     first = _log(tmp_path / "one")
     assert first[-1]["velocity"] != first[0]["velocity"]  # the run did move
 
@@ -1209,16 +1285,35 @@ def test_encode_a_folder_then_train_on_it(tmp_path, capsys):
     assert "is 2x2 latents, the preset wants 8x8" in code
 
 
+def test_sampling_benchmark_counts_steps_and_flops():
+    """sample.py --benchmark at equal steps per frame (uniform grid): the baseline takes exactly `steps`
+    evaluations of every frame; Flowception takes more evaluations, each over fewer frames at first,
+    and its FLOPs land between 1x and 2x the baseline's (its last evaluations see every frame; the
+    paper's 2/3 forgets them, README)."""
+    res = sample.main(["--oracle", "--benchmark", "--num", "64", "--batch-size", "64", "--steps", "10",
+                       "--max-reveal-prob", "1", "--out", "/nonexistent/never-written"])
+    flow, full = res["Flowception"], res["full sequence"]
+    assert full["nfe"] == 10 and 10 < flow["nfe"] <= 20
+    cfg = fc.PRESETS["toy"]
+    assert full["useful"] <= full["executed"] and flow["useful"] <= flow["executed"]
+    assert full["useful"] > 10 * fc.forward_flops(cfg, 14)  # 10 evaluations of videos of >= 14 frames
+    assert 1.0 < flow["useful"] / full["useful"] < 2.0
+
+
 def test_benchmark_prints_consistent_ratios(capsys):
-    """--benchmark measures, it does not train: useful FLOPs <= executed FLOPs for both modes, and a
-    Flowception video costs fewer useful FLOPs than a full-sequence one (it sees a subset of frames)."""
+    """--benchmark measures, it does not train: useful FLOPs <= executed FLOPs in every mode, padded and
+    packed run the same batches (same useful FLOPs), and a Flowception video costs fewer useful FLOPs
+    than a full-sequence one (it sees a subset of frames)."""
     train.main(["--benchmark", "3", "--batch-size", "8", "--dim", "32", "--depth", "1", "--out", "/nonexistent/never-written"])
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if "TFLOP/video useful" in line]
-    assert len(rows) == 2
-    for row in rows:
-        useful, executed = (float(row.split(" TFLOP/video useful, ")[0].split("| ")[-1]),
-                            float(row.split(" TFLOP/video useful, ")[1].split(" executed")[0]))
-        assert useful <= executed * (1 + 1e-9)
-    ratio = float(out.split("FLOPs ")[1].split(" useful")[0])
+    rows = {line.split(":")[0].strip(): line for line in out.splitlines() if "TFLOP/video useful" in line}
+    assert len(rows) == 4
+    useful, executed = {}, {}
+    for name, row in rows.items():
+        useful[name] = float(row.split(" TFLOP/video useful, ")[0].split("| ")[-1])
+        executed[name] = float(row.split(" TFLOP/video useful, ")[1].split(" executed")[0])
+        assert useful[name] <= executed[name] * (1 + 1e-9)
+    for method in ("Flowception", "full sequence"):
+        assert useful[method + ", padded"] == useful[method + ", packed"]
+    ratio = float(out.split("per video, padded: FLOPs ")[1].split(" useful")[0])
     assert 0.5 < ratio < 1.0

@@ -7,11 +7,13 @@
     torchrun --standalone --nproc_per_node=2 train.py # data parallel: gloo on CPU, nccl on CUDA
     python train.py --encode-videos videos/ --out data/latents --vae Lightricks/LTX-Video
     torchrun --nproc_per_node=8 train.py --preset taichi256 --data data/latents
+    python train.py --benchmark 30                    # Flowception vs full sequence, padded vs packed: speed, FLOPs
 
 One code path for 1..N processes. Every process builds the same global batch from the shared data
 stream and trains on its own rows, in --grad-accum micro-batches; the losses are normalised by the
 counts of the GLOBAL batch, so N processes x k micro-batches compute exactly the loss (and gradient)
-of one process on the whole batch. DistributedDataParallel averages gradients over processes.
+of one process on the whole batch. DistributedDataParallel averages gradients over processes. With
+--pack F each micro-batch's videos are packed into rows of F frames (fc.pack_batch): same losses.
 """
 import argparse
 import contextlib
@@ -84,6 +86,10 @@ def parse_args(argv=None):
                    help="train the full-sequence flow matching baseline: every frame a start frame, no insertions")
     p.add_argument("--gamma", type=float, help="per-frame time t = u^gamma (Appendix E); sample with the same gamma")
     p.add_argument("--window", type=int, help="local attention over +-window frames (0: full)")
+    p.add_argument("--pack", type=int, metavar="FRAMES", help="pack videos into rows of FRAMES frames, several per row "
+                   "(0: pad every video to the batch's longest)")
+    p.add_argument("--attention", choices=("sdpa", "flex"), help="sdpa: dense mask; flex: FlexAttention BlockMask (CUDA)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile every block")
     p.add_argument("--log-every", type=int, help="steps between log lines")
     p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
     return p.parse_args(argv)
@@ -210,13 +216,15 @@ def global_batch(cfg, kappa, data_rng, dataset=None):
     return fc.make_training_batch(x_1, state, generator=data_rng, cond_dropout=cfg.cond_dropout)
 
 
-def my_micro_batches(batch, accum):
-    """This process's rows of the global batch in `accum` micro-batches, each trimmed to its longest video."""
-    rows = torch.arange(batch.tau_g.numel()).chunk(world_size)[rank]
+def my_micro_batches(batch, cfg):
+    """This process's videos of the global batch in grad_accum micro-batches, each trimmed to its longest
+    video, or packed into rows of cfg.pack frames."""
+    videos = torch.arange(batch.mask.shape[0]).chunk(world_size)[rank]
     out = []
-    for r in rows.chunk(accum):
-        F = max(int(batch.mask[r].sum(1).max()), 1)
-        out.append(fc.TrainingBatch(**{k: v[r] if k == "tau_g" else v[r, :F] for k, v in vars(batch).items()}))
+    for r in videos.chunk(cfg.grad_accum):
+        F = int(batch.mask[r].sum(1).max())
+        mb = fc.TrainingBatch(**{k: v[r, :F] for k, v in vars(batch).items()})
+        out.append(fc.pack_batch(mb, cfg.pack) if cfg.pack else mb)
     return out
 
 
@@ -224,14 +232,14 @@ def forward_backward(net, model, batch, cfg, kappa, device, autocast):
     """Gradients of the global batch's loss from this process's micro-batches -> the global losses (2,)."""
     n_active, n_insert = batch.active.sum().clamp_min(1), batch.can_insert.sum().clamp_min(1)  # global counts
     losses = torch.zeros(2, dtype=torch.float64)
-    micro = my_micro_batches(batch, cfg.grad_accum)
+    micro = my_micro_batches(batch, cfg)
     for i, mb in enumerate(micro):
         mb = fc.TrainingBatch(**{k: v.to(device) for k, v in vars(mb).items()})
         last = i == len(micro) - 1  # gradients are reduced once, after the last micro-batch
         if cfg.fsdp:
             model.set_requires_gradient_sync(last)
         with autocast, (net.no_sync() if net is not model and not last else contextlib.nullcontext()):
-            v, log_lam = net(mb.x_t, mb.t, mb.mask, mb.cond)
+            v, log_lam = net(mb.x_t, mb.t, mb.mask, mb.cond, mb.video, mb.position)
             # this micro-batch's share of the global means (Eqs. 12, 20)
             loss_v = fc.velocity_loss(v, mb, count=n_active)
             loss_r = fc.rate_loss(log_lam, mb, kappa, cfg.hazard_weight, count=n_insert)
@@ -245,14 +253,36 @@ def forward_backward(net, model, batch, cfg, kappa, device, autocast):
     return losses
 
 
-def benchmark(args, cfg, net, model, opt, kappa, data_rng, dataset, device, autocast):
-    """Time training steps of Flowception and of the full-sequence baseline on the same data geometry,
-    alternating step by step after 2 warm-up steps each; print throughput, FLOPs, MFU and the ratios.
+def expected_flop_ratio(cfg, kappa, dataset=None, draws=20_000):
+    """E[training FLOPs of a video] under the configured law (tasks, tau_g density, gamma), Flowception over
+    the full-sequence baseline, before any padding: Monte Carlo over `draws` training states."""
+    g = torch.Generator().manual_seed(1)
+    if cfg.data == "toy":
+        lengths = toy_data.sample_toy_videos(draws, g)[1]
+    elif dataset is not None:
+        lengths = torch.tensor([c.shape[0] for c in dataset.clips])[torch.randint(len(dataset), (draws,), generator=g)]
+    else:
+        lengths = torch.full((draws,), cfg.max_frames)
+    context, passive = fc.sample_context(lengths, cfg.tasks, g)
+    visible = fc.sample_training_state(lengths, kappa, cfg.n_start, generator=g, tau_density=cfg.tau_density,
+                                       context=context, passive=passive, gamma=cfg.gamma).visible.sum(dim=1)
+    flops = lambda frames: sum(n * fc.forward_flops(cfg, f) for f, n in enumerate(torch.bincount(frames).tolist()))  # noqa: E731
+    return flops(visible) / flops(lengths)
 
-    FLOPs are model FLOPs (3x forward_flops, without the recomputation of activation checkpointing),
-    over real frames ('useful') and over the padded batch ('executed').
+
+def benchmark(args, cfg, net, model, opt, kappa, data_rng, dataset, device, autocast):
+    """Time training steps of Flowception and of the full-sequence baseline, each padded and packed, on the
+    same data geometry: the four alternate step by step after 2 warm-up steps each, padded and packed
+    on the same batches. Print throughput, FLOPs, MFU and the ratios.
+
+    FLOPs are model FLOPs (3x forward_flops, without the recomputation of activation checkpointing):
+    'useful' over the real frames of each video, 'executed' over the rows the model ran on, as dense
+    attention would (FlexAttention skips the blocks between videos: it executes fewer).
     """
-    modes = {"Flowception": cfg, "full sequence": dataclasses.replace(cfg, full_sequence=True)}
+    rows = cfg.pack or cfg.max_frames
+    modes = {f"{name}, {layout}": dataclasses.replace(cfg, full_sequence=full, pack=pack)
+             for name, full in (("Flowception", False), ("full sequence", True))
+             for layout, pack in (("padded", 0), ("packed", rows))}
     L1 = (cfg.height // cfg.patch[0]) * (cfg.width // cfg.patch[1]) + 1
     peak = args.peak_tflops
     if peak is None and device.type == "cuda" and any(g in torch.cuda.get_device_name(device) for g in ("H100", "H200")):
@@ -260,39 +290,50 @@ def benchmark(args, cfg, net, model, opt, kappa, data_rng, dataset, device, auto
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     stats = {name: dict(seconds=0.0, videos=0, real=0, padded=0, flops=0.0, executed=0.0, memory=0.0) for name in modes}
     for step in tqdm(range(args.benchmark + 2), desc="benchmark", disable=rank != 0):
-        for name, c in modes.items():
-            batch = global_batch(c, kappa, data_rng, dataset)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            sync()
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            forward_backward(net, model, batch, c, kappa, device, autocast)
-            opt.step()
-            sync()
-            if step < 2:
-                continue
-            st, frames = stats[name], batch.mask.sum(dim=1)
-            st["seconds"] += time.perf_counter() - t0
-            st["videos"] += len(frames)
-            st["real"] += int(frames.sum()) * L1
-            st["padded"] += batch.mask.numel() * L1
-            st["flops"] += 3 * sum(fc.forward_flops(c, int(f)) for f in frames)
-            st["executed"] += 3 * len(frames) * fc.forward_flops(c, batch.mask.shape[1])
-            st["memory"] = max(st["memory"], torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0)
-    print0(f"{args.preset}, batch {cfg.batch_size}, {args.benchmark} timed steps each, {world_size} x {device.type}"
-           f"{f', peak {peak:.0f} TFLOP/s' if peak else ''}")
+        for method in ("Flowception", "full sequence"):
+            batch = global_batch(modes[method + ", padded"], kappa, data_rng, dataset)  # the same for both layouts
+            for name in (method + ", padded", method + ", packed"):
+                c = modes[name]
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                sync()
+                t0 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                forward_backward(net, model, batch, c, kappa, device, autocast)
+                opt.step()
+                sync()
+                if step < 2:
+                    continue
+                st, frames = stats[name], batch.mask.sum(dim=1)
+                st["seconds"] += time.perf_counter() - t0
+                st["videos"] += len(frames)
+                st["real"] += int(frames.sum()) * L1
+                st["flops"] += 3 * sum(fc.forward_flops(c, int(f)) for f in frames)
+                for mb in my_micro_batches(batch, c):  # this process's rows, times the processes
+                    st["padded"] += mb.mask.numel() * L1 * world_size
+                    st["executed"] += 3 * mb.mask.shape[0] * fc.forward_flops(c, mb.mask.shape[1]) * world_size
+                st["memory"] = max(st["memory"], torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0)
+    print0(f"{args.preset}, batch {cfg.batch_size}, packed rows of {rows} frames, {args.benchmark} timed steps each, "
+           f"{world_size} x {device.type}{f', peak {peak:.0f} TFLOP/s' if peak else ''}, attention "
+           f"{cfg.attention}")
+    speed = {}
     for name, st in stats.items():
         achieved = st["flops"] / st["seconds"] / 1e12
-        mfu = f" | MFU {achieved / peak:.1%}" if peak else ""
+        speed[name] = st["videos"] / st["seconds"]
+        mfu = f" | MFU {achieved / (peak * world_size):.1%}" if peak else ""
         memory = f" | peak memory {st['memory']:.1f} GiB" if device.type == "cuda" else ""
-        print0(f"{name:>13}: {st['videos'] / st['seconds']:8.1f} videos/s | {st['real'] / st['seconds']:10.0f} tokens/s | "
+        print0(f"{name:>22}: {speed[name]:8.1f} videos/s | {st['real'] / st['seconds']:10.0f} tokens/s | "
                f"{st['flops'] / st['videos'] / 1e12:.4g} TFLOP/video useful, {st['executed'] / st['videos'] / 1e12:.4g} executed | "
                f"{achieved:.3g} TFLOP/s{mfu} | padding efficiency {st['real'] / st['padded']:.1%}{memory}")
-    a, b = stats["Flowception"], stats["full sequence"]
-    print0(f"Flowception / full sequence per video: FLOPs {a['flops'] / a['videos'] / (b['flops'] / b['videos']):.3f} useful, "
-           f"{a['executed'] / a['videos'] / (b['executed'] / b['videos']):.3f} executed; "
-           f"wall-clock {a['seconds'] / a['videos'] / (b['seconds'] / b['videos']):.3f}")
+    per_video = lambda name, key: stats[name][key] / stats[name]["videos"]  # noqa: E731
+    for method in ("Flowception", "full sequence"):
+        print0(f"{method}: packed / padded speed {speed[method + ', packed'] / speed[method + ', padded']:.2f}x")
+    for layout in ("padded", "packed"):
+        a, b = f"Flowception, {layout}", f"full sequence, {layout}"
+        print0(f"Flowception / full sequence per video, {layout}: FLOPs {per_video(a, 'flops') / per_video(b, 'flops'):.3f} "
+               f"useful, {per_video(a, 'executed') / per_video(b, 'executed'):.3f} executed; "
+               f"wall-clock {per_video(a, 'seconds') / per_video(b, 'seconds'):.3f}")
+    print0(f"expected under the training law (20,000 draws, no padding): FLOPs {expected_flop_ratio(cfg, kappa, dataset):.3f}")
 
 
 def train(args):
@@ -318,6 +359,9 @@ def train(args):
     with torch.device(device):  # initialise in place: seconds instead of minutes for taichi256 on a GPU
         model = fc.build_model(cfg)
     ema = copy.deepcopy(model).requires_grad_(False)
+    if cfg.compile:  # per block, as torchtitan does: the same code for every block, compiled once
+        for block in model.blocks:
+            block.compile()
     if cfg.fsdp:
         shard(model, device)
         shard(ema, device)
