@@ -170,10 +170,10 @@ PRESETS = {
     # stream and a SwiGLU MLP, see README).
     # the latent path end to end on a CPU: LTX latents of 64 px clips (2x2, up to 65 frames), tiny DiT
     "latent_tiny": Config(data="latents", channels=128, height=2, width=2, max_frames=9, patch=(1, 1), dim=64,
-                          depth=2, heads=4, steps=200, batch_size=8, lr=1e-3, warmup=20),
+                          depth=2, heads=4, steps=200, batch_size=8, lr=1e-3, warmup=20, pack=9),
     "taichi256": Config(data="latents", channels=128, height=8, width=8, max_frames=19, patch=(1, 1),
                         dim=1536, depth=38, heads=24, batch_size=8, lr=1e-4, warmup=1000, fsdp=True, checkpointing=True,
-                        steps=300_000, tau_density="logit_normal", ema_decay=0.9999),
+                        pack=19, steps=300_000, tau_density="logit_normal", ema_decay=0.9999),
 }
 
 
@@ -469,7 +469,8 @@ class TrainingBatch:
     can_insert: torch.Tensor  # (B, F')  bool, slot that may insert, rate loss while tau_g < 1
     K: torch.Tensor  # (B, F')           long, pending count right of each slot
     tau_g: torch.Tensor  # (B, F')       the video's global time, on each of its frames
-    video: torch.Tensor  # (B, F')       long, which video of the row a frame belongs to; -1: padding
+    video: torch.Tensor  # (B, F')       long, a frame's video: 0 (one per row), or its batch index after
+    #                                    pack_batch; -1: padding. Attention stays within a video
     position: torch.Tensor  # (B, F')    long, the frame's index in its video
 
 
@@ -495,7 +496,8 @@ def make_training_batch(x_1, state, generator=None, cond_dropout=0.0):
                          target=visible_only(x_1 - x_0), active=visible_only(state.active) & mask,
                          can_insert=mask & ~visible_only(state.passive) & (state.tau_g < 1)[:, None],
                          K=visible_only(state.K) * mask, tau_g=state.tau_g[:, None].expand(mask.shape),
-                         video=torch.where(mask, 0, -1), position=torch.arange(mask.shape[1], device=mask.device).expand(mask.shape))
+                         video=torch.where(mask, 0, -1),  # one video per row
+                         position=torch.arange(mask.shape[1], device=mask.device).expand(mask.shape))
 
 
 def pack_rows(lengths, capacity):
@@ -519,7 +521,8 @@ def pack_batch(batch, capacity):
     lengths = batch.mask.sum(dim=1).tolist()
     capacity = max(capacity, max(lengths))
     rows = pack_rows(lengths, capacity)
-    src_b = torch.zeros(len(rows), capacity, dtype=torch.long)  # where each packed frame comes from
+    # packed frame [r, f] is frame src_f[r, f] of video src_b[r, f] (video[r, f] = src_b[r, f], -1: padding)
+    src_b = torch.zeros(len(rows), capacity, dtype=torch.long, device=batch.mask.device)
     src_f, video = torch.zeros_like(src_b), torch.full_like(src_b, -1)
     for r, row in enumerate(rows):
         f = 0
@@ -529,8 +532,9 @@ def pack_batch(batch, capacity):
             f += lengths[b]
     real = video >= 0
 
-    def move(v):  # (B, F', ...) -> (R, capacity, ...), zero (False) on padding
-        return torch.where(real.view(*real.shape, *[1] * (v.dim() - 2)), v[src_b, src_f], torch.zeros((), dtype=v.dtype))
+    def move(v):  # (B, F', ...) -> (R, capacity, ...): gather every packed frame's source, zero (False) on padding
+        real_ = real.view(*real.shape, *[1] * (v.dim() - 2))  # (R, capacity, 1, ...) broadcasts over v's frame dims
+        return torch.where(real_, v[src_b, src_f], torch.zeros((), dtype=v.dtype, device=v.device))
     moved = {k: move(v) for k, v in vars(batch).items() if k not in ("video", "position")}
     return TrainingBatch(**moved, video=video, position=src_f * real)
 
@@ -638,7 +642,8 @@ class Attention(nn.Module):
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)  # (B, h, N, hd)
         if isinstance(attn_mask, BlockMask):
             flex = compiled_flex_attention() if q.is_cuda else flex_attention
-            out = flex(q, k, v, block_mask=attn_mask)  # (B, h, N, hd)
+            out = flex(q.to(v.dtype), k.to(v.dtype), v, block_mask=attn_mask)  # (B, h, N, hd); autocast keeps
+            # the RMSNorm-ed q, k in fp32 while v is bf16: flex wants one dtype
         else:
             out = nnf.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, hd)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)
@@ -729,16 +734,17 @@ class Flowception(nn.Module):
         forward pass and shared by every block, that skips the blocks between different videos of a
         packed row (so long rows cost no more than their videos). One rule, `allowed`, defines both.
         """
+        window = self.cfg.window
         video, position = video.repeat_interleave(L1, dim=1), position.repeat_interleave(L1, dim=1)  # (B, N)
 
-        def allowed(b, h, q, k):  # FlexAttention's mask_mod signature; broadcasts for the dense mask
+        def allowed(b, h, q, k):  # FlexAttention's mask_mod: batch, head, query and key token indices
             same = video[b, q] == video[b, k]
-            return same & ((position[b, q] - position[b, k]).abs() <= self.cfg.window) if self.cfg.window else same
+            return same & ((position[b, q] - position[b, k]).abs() <= window) if window else same
 
         (B, N), device = video.shape, video.device
-        if self.cfg.attention == "flex":
-            return create_block_mask(allowed, B, None, N, N, device=device)
-        i = torch.arange(N, device=device)
+        if self.cfg.attention == "flex":  # compiled on CUDA: no (B, N, N) tensor is materialised
+            return create_block_mask(allowed, B, None, N, N, device=device, _compile=device.type == "cuda")
+        i = torch.arange(N, device=device)  # the same rule on index grids that broadcast to (B, N, N)
         return allowed(torch.arange(B, device=device)[:, None, None], None, i[:, None], i)[:, None]  # (B, 1, N, N)
 
     def forward(self, x_t, t, mask, cond, video=None, position=None):
@@ -747,6 +753,8 @@ class Flowception(nn.Module):
         cfg = self.cfg
         B, F = mask.shape
         ph, pw = cfg.patch
+        if (video is None) != (position is None):
+            raise ValueError("give both video and position (pack_batch makes them), or neither")
         if video is None:
             video = torch.where(mask, 0, -1)
             position = torch.arange(F, device=mask.device).expand(B, F)

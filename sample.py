@@ -76,6 +76,8 @@ def load_model(args):
         return oracle, cfg, "oracle"
     ckpt = fc.load_checkpoint(args.ckpt)
     cfg = fc.Config.from_dict(ckpt["config"])
+    if cfg.attention == "flex" and "cuda" not in str(args.device):  # the same rule, as a dense mask
+        cfg = dataclasses.replace(cfg, attention="sdpa")
     if cfg.data != "toy" and args.task != "uncond" and args.context is None:
         raise ValueError(f"{args.ckpt} is a latent preset: give the context latents with --context FILE")
     trained = fc.parse_tasks(cfg.tasks)
@@ -250,6 +252,7 @@ def benchmark(model, cfg, args, generate_all):
     more steps before t_g = 1). The baseline's cost does not depend on the weights, so one model does."""
     sync = torch.cuda.synchronize if "cuda" in str(args.device) else (lambda: None)
     results, lengths = {}, None
+    generate_all(model, "learned", None, num=min(args.num, 4))  # warm-up (compilation, allocator), untimed
     for name, order in (("Flowception", "learned"), ("full sequence", "full_sequence")):
         counted = FlopCounter(model, cfg)
         sync()
@@ -296,10 +299,10 @@ def main(argv=None):
                       max_frames=args.max_frames or (2 if cfg.data == "toy" else 1) * cfg.max_frames, generator=generator, device=args.device,
                       rate_guidance=args.rate_guidance, cfg_scale=args.cfg, gamma=gamma)
 
-        def generate_all(model, order, targets):
+        def generate_all(model, order, targets, num=args.num):
             samples = []
-            for start in tqdm(range(0, args.num, args.batch_size), desc=f"sampling ({order})", unit="batch"):
-                part = slice(start, min(start + args.batch_size, args.num))
+            for start in tqdm(range(0, num, args.batch_size), desc=f"sampling ({order})", unit="batch"):
+                part = slice(start, min(start + args.batch_size, num))
                 sub = None if prompt is None else fc.Prompt(prompt.frames[part], prompt.context[part], prompt.passive[part])
                 samples += fc.generate(model, part.stop - part.start, prompt=sub, order=order,
                                        lengths=None if targets is None else targets[part], **kwargs)

@@ -1285,6 +1285,12 @@ def test_encode_a_folder_then_train_on_it(tmp_path, capsys):
     assert "is 2x2 latents, the preset wants 8x8" in code
 
 
+def test_flex_attention_is_refused_off_cuda(capsys, tmp_path):
+    """FlexAttention has no CPU backward in torch 2.13: training says so before building anything."""
+    code, _ = _run_cli(train.main, ["--attention", "flex", "--device", "cpu", "--out", str(tmp_path)], capsys)
+    assert "--attention flex needs CUDA" in code and not os.listdir(tmp_path)
+
+
 def test_sampling_benchmark_counts_steps_and_flops():
     """sample.py --benchmark at equal steps per frame (uniform grid): the baseline takes exactly `steps`
     evaluations of every frame; Flowception takes more evaluations, each over fewer frames at first,

@@ -222,7 +222,7 @@ def my_micro_batches(batch, cfg):
     videos = torch.arange(batch.mask.shape[0]).chunk(world_size)[rank]
     out = []
     for r in videos.chunk(cfg.grad_accum):
-        F = int(batch.mask[r].sum(1).max())
+        F = max(int(batch.mask[r].sum(1).max()), 1)
         mb = fc.TrainingBatch(**{k: v[r, :F] for k, v in vars(batch).items()})
         out.append(fc.pack_batch(mb, cfg.pack) if cfg.pack else mb)
     return out
@@ -346,6 +346,8 @@ def train(args):
         raise ValueError(f"checkpoint {ckpt_path} has no optimizer or data state to resume from")
     cfg = make_config(args, base=fc.Config.from_dict(ckpt["config"]) if ckpt else None)
     device = setup_distributed(args.device, cfg.fsdp)
+    if cfg.attention == "flex" and device.type != "cuda":
+        raise ValueError("--attention flex needs CUDA: FlexAttention has no backward on the CPU in this torch")
     if cfg.data == "latents":
         raise ValueError(f"preset {args.preset!r} trains on LTX latents: pass --data DIR (a folder of latent files, "
                          "see `--encode-videos`), or --data synthetic to measure speed and memory")
