@@ -159,7 +159,7 @@ class Config:
 
 
 PRESETS = {
-    # 3-pixel toy videos of Appendix F; 0.35M parameters; trains on 2 CPU cores in about 4 minutes.
+    # 3-pixel toy videos of Appendix F; 0.35M parameters; trains on 2 CPU cores in about 3 minutes.
     "toy": Config(steps=2000, batch_size=32, lr=2e-3, tau_density="late", pack=30),
     # the same toy trained on every task of Figure 4 (unconditional, image-to-video, interpolation,
     # continuation), with conditioning dropout for guidance; about 7 minutes on 2 CPU cores.
