@@ -521,22 +521,21 @@ def pack_batch(batch, capacity):
     lengths = batch.mask.sum(dim=1).tolist()
     capacity = max(capacity, max(lengths))
     rows = pack_rows(lengths, capacity)
-    # packed frame [r, f] is frame src_f[r, f] of video src_b[r, f] (video[r, f] = src_b[r, f], -1: padding)
-    src_b = torch.zeros(len(rows), capacity, dtype=torch.long, device=batch.mask.device)
-    src_f, video = torch.zeros_like(src_b), torch.full_like(src_b, -1)
+    # packed frame [r, f] is frame src_f[r, f] of video src_b[r, f]; -1: padding
+    src_b = torch.full((len(rows), capacity), -1, dtype=torch.long, device=batch.mask.device)
+    src_f = torch.zeros_like(src_b)
     for r, row in enumerate(rows):
         f = 0
         for b in row:
             src_b[r, f: f + lengths[b]], src_f[r, f: f + lengths[b]] = b, torch.arange(lengths[b])
-            video[r, f: f + lengths[b]] = b
             f += lengths[b]
-    real = video >= 0
+    real = src_b >= 0
 
     def move(v):  # (B, F', ...) -> (R, capacity, ...): gather every packed frame's source, zero (False) on padding
         real_ = real.view(*real.shape, *[1] * (v.dim() - 2))  # (R, capacity, 1, ...) broadcasts over v's frame dims
         return torch.where(real_, v[src_b, src_f], torch.zeros((), dtype=v.dtype, device=v.device))
     moved = {k: move(v) for k, v in vars(batch).items() if k not in ("video", "position")}
-    return TrainingBatch(**moved, video=video, position=src_f * real)
+    return TrainingBatch(**moved, video=src_b, position=src_f)
 
 
 #################################################################################
