@@ -415,7 +415,9 @@ def sample_training_state(lengths, kappa=None, n_start=1, tau_g=None, generator=
         tau_g = torch.empty(B, device=device)
     s = torch.empty(B, F, device=device)
     redraw = torch.ones(B, dtype=torch.bool, device=device)
-    while redraw.any():  # rejection: a shrinking set of rows, vectorised within each round
+    for _ in range(10_000):  # rejection: a shrinking set of rows, vectorised within each round
+        if not redraw.any():
+            break
         rows = redraw.nonzero().squeeze(1)
         R = rows.numel()
         s_r = kappa.inverse(torch.rand(R, F, generator=generator, device=device))  # Eq. (6)
@@ -429,6 +431,7 @@ def sample_training_state(lengths, kappa=None, n_start=1, tau_g=None, generator=
             tau_g[rows] = sample_tau_g(R, tau_density, generator, device)
         tau_r = tau_g[rows, None] - s[rows]  # (R, F)
         redraw[rows] = ~(free[rows] & (tau_r >= 0) & (tau_r < 1)).any(dim=1)
+    assert not redraw.any(), "10,000 rounds of rejection left rows without an active frame: is kappa.inverse right?"
     tau = tau_g[:, None] - s  # (B, F)  Eq. (7)
     visible = valid & (tau >= 0)
     return TrainingState(tau_g=tau_g, tau=tau, t=torch.where(context, 1.0, tau.clamp(0, 1) ** gamma), visible=visible,
@@ -824,8 +827,11 @@ def time_grid(kappa, steps, max_reveal_prob=0.1, floor=1e-4):
     if not 0 < max_reveal_prob <= 1:
         raise ValueError(f"max_reveal_prob must be in (0, 1], got {max_reveal_prob}")
     kap = lambda t: float(kappa.kappa(torch.tensor(t, dtype=torch.float64)))  # noqa: E731
+    # at most `steps` steps of h, and capped steps that each shrink 1 - kappa by (1 - cap) down to the floor
+    most = steps + 10 + (2 * math.ceil(math.log(floor) / math.log(1 - max_reveal_prob)) if max_reveal_prob < 1 else 0)
     grid = [0.0]
     while grid[-1] < 1:
+        assert len(grid) <= most, f"time_grid took over {most} steps: is kappa.inverse the inverse of kappa?"
         t = grid[-1]
         nxt = t + 1 / steps
         nxt = 1.0 if nxt > 1 - 1e-9 else nxt  # no sliver step from accumulated rounding
@@ -1120,6 +1126,7 @@ def generate(model, num_videos, frame_shape, kappa=None, n_start=1, steps=100, s
         unfinished = ((state.t < 1) & state.mask).any(dim=1)  # (B,)
         if state.t_g >= 1 and not unfinished.any():
             break
+        assert state.step <= len(grid) + steps, "a frame did not finish `steps` steps after t_g = 1"
         # 1. one forward pass (two with guidance)
         v, log_lam = guided_forward(model, state, rate_guidance, cfg_scale)
         if v.shape != state.x.shape or log_lam.shape != state.mask.shape:
