@@ -16,6 +16,9 @@ import torch.nn.functional as nnf
 from hypothesis import given, settings, strategies as st
 
 import flowception as fc
+import sample
+import toy_data
+import train
 
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=25, print_blob=True)
 settings.load_profile("ci")
@@ -102,13 +105,6 @@ def test_linear_reveal_prob_is_paper_rate(t, h):
     t, h = torch.tensor(t, dtype=torch.float64), torch.tensor(h, dtype=torch.float64)
     assert float(k.reveal_prob(t, t + h)) == pytest.approx(float(h / (1 - t)), rel=1e-9)
     assert float(k.reveal_prob(t, t + h)) == pytest.approx(float(h * k.hazard(t)), rel=1e-9)
-
-
-@pytest.mark.parametrize("method", ["kappa", "dkappa", "inverse"])
-@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
-def test_kappa_rejects_outside_unit_interval(method, bad):
-    with pytest.raises(ValueError, match="must lie in"):
-        getattr(fc.LinearKappa(), method)(torch.tensor([0.5, bad]))
 
 
 #################################################################################
@@ -205,19 +201,6 @@ def test_tau_max_shortcut_is_biased_and_rejection_is_not():
     assert tv_shortcut >= 0.02 and tv_shortcut >= 5 * tv_ours
 
 
-def test_training_state_bad_input():
-    with pytest.raises(ValueError, match="n_start"):
-        fc.sample_training_state(torch.tensor([5]), n_start=0)
-    with pytest.raises(ValueError, match="lengths"):
-        fc.sample_training_state(torch.tensor([2, 5]), n_start=3)
-    with pytest.raises(ValueError, match="tau_g"):
-        fc.sample_training_state(torch.tensor([5]), tau_g=2.0)
-    with pytest.raises(ValueError, match="tau_density"):
-        fc.sample_training_state(torch.tensor([5]), tau_density="beta")
-    with pytest.raises(ValueError, match="no frame is active"):  # would otherwise reject forever
-        fc.sample_training_state(torch.tensor([3, 5]), n_start=3, tau_g=1.0)
-
-
 @given(st.lists(st.integers(1, 9), min_size=1, max_size=6), st.integers(0, 2**16))
 def test_training_batch_strips_in_order_and_noises(lengths, seed):
     lengths = torch.tensor(lengths)
@@ -294,6 +277,40 @@ def test_losses_ignore_padding_and_average_over_all_active_frames():
 #                                     Sampler                                   #
 #################################################################################
 
+class PosteriorMeanOracle:
+    """The exact rate for videos whose frames carry no information: lam_j = E[K_j | m visible, tau_g].
+
+    For a known length law P(n), a state with m visible frames at tau_g < 1, f of which were there from
+    the start (n_start; or the prompt's n_context context frames and its start frame), has
+    P(n | m, tau_g) ∝ P(n) Binom(m - f; n - f, kappa(tau_g)). The n - m pending frames are a uniform
+    subset, spread exchangeably over the m - n_passive slots that may insert, so E[K_j | m, tau_g] =
+    E[(n - m) / (m - n_passive) | m, tau_g]: true without context and for prompts whose context all
+    comes first (i2v, extend). tau_g is read off the input as the largest frame time below 1 (the start
+    frame's, tau_g^gamma for a model trained with gamma). The velocity is 0: the best any model that only
+    counts frames can do, and the rate against which the sampler is checked.
+    """
+
+    def __init__(self, length_probs, kappa=None, n_start=1, gamma=1.0, n_context=0, n_passive=0):
+        self.p = torch.as_tensor(length_probs, dtype=torch.float64)  # (N_max + 1,) P(n)
+        self.p = self.p / self.p.sum()
+        self.kappa, self.gamma, self.n_passive = kappa or fc.LinearKappa(), gamma, n_passive
+        self.n_fixed = n_context + 1 if n_context else n_start  # frames there from tau_g = 0
+
+    def __call__(self, x_t, t, mask, cond):
+        m = mask.sum(dim=1).double()[:, None]  # (B, 1)
+        t_start = torch.where(mask & (t < 1), t, 0.0).amax(dim=1).double()  # (B,) the start frame's t
+        kap = self.kappa.kappa((t_start ** (1 / self.gamma)).clamp(1e-9, 1 - 1e-9))[:, None]  # (B, 1) kappa(tau_g)
+        p = self.p.to(t.device)
+        n = torch.arange(len(p), dtype=torch.float64, device=t.device)[None]  # (1, N) candidate lengths
+        trials, hits = n - self.n_fixed, m - self.n_fixed  # Binom(hits; trials, kappa(tau_g))
+        log_post = (p.log()[None] + torch.lgamma(trials.clamp_min(0) + 1) - torch.lgamma(hits + 1)
+                    - torch.lgamma((trials - hits).clamp_min(0) + 1) + torch.xlogy(hits, kap)
+                    + torch.xlogy(trials - hits, 1 - kap))
+        post = torch.softmax(torch.where((hits <= trials) & (p[None] > 0), log_post, -math.inf), dim=1).nan_to_num(0.0)
+        lam = (post * (n - m).clamp_min(0) / (m - self.n_passive)).sum(dim=1)  # (B,)
+        return torch.zeros_like(x_t), lam.clamp_min(1e-12).log().float()[:, None].expand(mask.shape)
+
+
 length_laws = st.lists(st.integers(2, 24), min_size=1, max_size=4, unique=True).flatmap(
     lambda ns: st.tuples(st.just(ns), st.lists(st.integers(1, 5), min_size=len(ns), max_size=len(ns))))
 
@@ -326,10 +343,10 @@ def test_sampled_time_marginals_match_training(ns_ws, k, n_start, grid, seed):
 
     def record(state):
         for target in (0.3, 0.7):
-            if target not in seen and state.t_g >= target:
-                seen[target] = (state.t_g, state.mask.sum(1), state.insert_time[state.mask & (state.insert_time > 0)])
+            if target not in seen and state.tau_g >= target:
+                seen[target] = (state.tau_g, state.mask.sum(1), state.insert_time[state.mask & (state.insert_time > 0)])
 
-    fc.generate(fc.PosteriorMeanOracle(P, k, n_start), N, (1, 1, 1), kappa=k, n_start=n_start, steps=steps,
+    fc.generate(PosteriorMeanOracle(P, k, n_start), N, (1, 1, 1), kappa=k, n_start=n_start, steps=steps,
                 max_reveal_prob=cap, callback=record, generator=gen(seed))
     grid_t = torch.tensor(fc.time_grid(k, steps, cap), dtype=torch.float64)
     for t_g, m, ins in seen.values():
@@ -349,12 +366,12 @@ def test_sampled_time_marginals_match_training(ns_ws, k, n_start, grid, seed):
 @settings(max_examples=6)
 def test_default_sampler_reproduces_length_law(ns_ws, k, seed):
     P = _law(ns_ws)
-    out = fc.generate(fc.PosteriorMeanOracle(P, k), 2000, (1, 1, 1), kappa=k, generator=gen(seed))
+    out = fc.generate(PosteriorMeanOracle(P, k), 2000, (1, 1, 1), kappa=k, generator=gen(seed))
     assert tv(histogram(_lengths(out), 26), P) <= 0.06
 
 
 def _length_tv(P, seed=0, n=2000, **kw):
-    out = fc.generate(fc.PosteriorMeanOracle(P), n, (1, 1, 1), generator=gen(seed), **kw)
+    out = fc.generate(PosteriorMeanOracle(P), n, (1, 1, 1), generator=gen(seed), **kw)
     return tv(histogram(_lengths(out), 40), P), max(s.nfe for s in out)
 
 
@@ -427,7 +444,7 @@ def test_insert_frames_places_new_frames_right_of_their_slot():
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
     ctx = torch.tensor([[1, 0, 0], [0, 1, 0]], dtype=torch.bool)
     state = fc.SamplerState(x=x, t=torch.full((2, 3), 0.5) * mask, u=torch.full((2, 3), 0.5) * mask, mask=mask,
-                            context=ctx, passive=ctx, insert_time=torch.zeros(2, 3), t_g=0.5,
+                            context=ctx, passive=ctx, insert_time=torch.zeros(2, 3), tau_g=0.5,
                             step=1, refused=torch.zeros(2, dtype=torch.long))
     n_new = torch.tensor([[2, 0, 1], [0, 3, 7]])  # the 7 sits on padding: ignored
     new = fc.insert_frames(state, n_new, 0.6, max_frames=6, generator=gen(0))
@@ -463,20 +480,6 @@ def test_padded_slots_cannot_break_the_sampler():
     batch = _loss_batch(torch.tensor([[1, 0]]), torch.tensor([[True, False]]), active=torch.tensor([[True, False]]))
     v = torch.tensor([0.0, float("inf")]).view(1, 2, 1, 1, 1)
     assert torch.isfinite(fc.velocity_loss(v, batch)) and torch.isfinite(fc.rate_loss(torch.tensor([[0.0, 1e3]]), batch))
-
-
-def test_generate_bad_input():
-    model = _point_mass_model(0.0)
-    with pytest.raises(ValueError, match="steps"):
-        fc.generate(model, 2, (1, 1, 1), steps=0)
-    with pytest.raises(ValueError, match="sampler"):
-        fc.generate(model, 2, (1, 1, 1), sampler="euler")
-    with pytest.raises(ValueError, match="n_start"):
-        fc.generate(model, 2, (1, 1, 1), n_start=0)
-    with pytest.raises(ValueError, match="max_reveal_prob"):
-        fc.generate(model, 2, (1, 1, 1), max_reveal_prob=0.0)
-    with pytest.raises(ValueError, match="model returned"):
-        fc.generate(lambda x, t, m, c: (x[:, :1], t), 2, (1, 1, 1))
 
 
 #################################################################################
@@ -549,20 +552,17 @@ def test_context_frames_in_both_streams_and_dropout():
     s = fc.sample_training_state(lengths, tau_g=0.4, generator=gen(1), context=ctx, passive=passive)
     for p_drop in (0.0, 0.3):
         b = fc.make_training_batch(x_1, s, generator=gen(2), cond_dropout=p_drop)
-        index, _ = fc.strip_index(s.visible)
-        ctx_v, x1_v = fc.gather_frames(ctx, index) & b.mask, fc.gather_frames(x_1, index)
+        index = torch.sort((~s.visible).to(torch.uint8), dim=1, stable=True).indices[:, : b.mask.shape[1]]
+        visible = lambda z: z[torch.arange(len(z))[:, None], index]  # noqa: E731
+        ctx_v, x1_v = visible(ctx) & b.mask, visible(x_1)
         kept = (b.cond != 0).flatten(2).any(2) & ctx_v  # context that reached the conditioning stream
         dropped = ctx_v & ~kept
         assert torch.equal(b.x_t[kept], x1_v[kept]) and torch.equal(b.cond[kept], x1_v[kept])  # both streams, clean
         assert (b.x_t[dropped] == 0).all() and (b.cond[~kept] == 0).all()  # dropped: zeros in both streams
         assert (b.t[ctx_v] == 1).all() and not b.active[ctx_v].any()
-        assert not b.can_insert[fc.gather_frames(passive, index) & b.mask].any()
+        assert not b.can_insert[visible(passive) & b.mask].any()
         rows = dropped.any(1).double().mean().item()  # every interp video has context
         assert abs(rows - p_drop) <= 4 * math.sqrt(0.25 / 4000)
-
-
-def _const_rate(log_lam=1.0):
-    return lambda x, t, mask, cond: (torch.zeros_like(x), torch.full(mask.shape, log_lam))
 
 
 def test_passive_frames_never_insert_and_active_ones_do():
@@ -596,7 +596,7 @@ def test_oracle_with_a_prompt_reproduces_the_length_law(task, A):
     """Training law and sampler agree for prompts too: with the exact rate of the context law (context
     first, one start frame), generated lengths follow P(n)."""
     P, N = _law(([8, 12, 16], [1, 2, 1]), 20), 3000
-    oracle = fc.PosteriorMeanOracle(P, n_context=A, n_passive=A - 1 if task == "extend" else 0)
+    oracle = PosteriorMeanOracle(P, n_context=A, n_passive=A - 1 if task == "extend" else 0)
     prompt = fc.make_prompt(task, torch.zeros(N, A, 1, 1, 1))
     out = fc.generate(oracle, N, (1, 1, 1), steps=50, prompt=prompt, generator=gen(0))
     assert tv(histogram(_lengths(out), 20), P) <= 4 * tv_noise(P, N) + 0.03  # + the grid's own error (SPEC 7)
@@ -643,7 +643,7 @@ def test_gamma_clock(gamma, steps, seed):
     """Every frame's flow time is t = u^gamma with u = t_g - insertion time (the solver coordinate),
     and the per-frame steps add up to exactly 1: x_1 = x_0 + v for a constant v."""
     def check(state):
-        u = (state.t_g - state.insert_time).clamp(0, 1)
+        u = (state.tau_g - state.insert_time).clamp(0, 1)
         free = state.mask & ~state.context
         assert torch.allclose(state.t[free], u[free] ** gamma, atol=1e-5)
 
@@ -665,45 +665,10 @@ def test_gamma_matched_is_exact_and_mismatched_departs():
     """The oracle of a model trained with gamma_train, sampled with gamma: exact iff they match."""
     P, N = _law(([15, 20, 25], [1, 1, 1]), 31), 1500
     for g_train, g_sample, lo, hi in ((2.0, 2.0, 0, 0.06), (1.0, 2.0, 0.3, 1), (1.0, 0.5, 0.3, 1)):
-        oracle = fc.PosteriorMeanOracle(P, gamma=g_train)
+        oracle = PosteriorMeanOracle(P, gamma=g_train)
         out = fc.generate(oracle, N, (1, 1, 1), steps=25, gamma=g_sample, max_frames=80, generator=gen(0))
         d = tv(histogram(_lengths(out), 81), P)
         assert lo <= d <= hi, (g_train, g_sample, d)
-
-
-def test_bisection_order_is_table_2_hierarchy():
-    assert fc.bisection_order(1, 14) == [7, 11, 3, 5, 9, 13, 1, 2, 4, 6, 8, 10, 12, 14]
-    for first, last in ((1, 1), (2, 30), (1, 17)):
-        assert sorted(fc.bisection_order(first, last)) == list(range(first, last + 1))
-
-
-@pytest.mark.parametrize("order", ["random", "hierarchical", "left_to_right"])
-def test_data_independent_orders(order):
-    """Target lengths reached exactly; the number of frames present at t_g is 1 + Binomial(n - 1,
-    kappa(t_g)) as in training; and the frames appear in the order's sequence."""
-    N, n = 2000, 12
-    counts = {}
-
-    def record(state):
-        for target in (0.3, 0.6):
-            if target not in counts and state.t_g >= target:
-                counts[target] = (state.t_g, state.mask.sum(1))
-
-    out = fc.generate(_const_rate(50.0), N, (1, 1, 1), steps=25, order=order, lengths=n, callback=record, generator=gen(0))
-    assert (_lengths(out) == n).all()
-    for t_g, m in counts.values():
-        law = torch.tensor([0.0] + [binom_pmf(j, n - 1, t_g) for j in range(n)], dtype=torch.double)
-        assert tv(histogram(m, n + 1), law) <= 4 * tv_noise(law, N)
-    times = torch.stack([s.insert_time for s in out])  # (N, n)
-    if order == "left_to_right":
-        assert (times.diff(dim=1) >= 0).all()
-    elif order == "hierarchical":
-        assert (times[:, fc.bisection_order(1, n - 1)].diff(dim=1) >= 0).all()  # the bisection sequence
-    else:  # random: every position has the same law of insertion time
-        mean, sd = times[:, 1:].mean(0), times[:, 1:].std(0)
-        assert ((mean - mean.mean()).abs() <= 4 * sd / math.sqrt(N)).all()
-        first_of_pair = (times[:, 1] < times[:, n - 1]).double().mean() - (times[:, 1] > times[:, n - 1]).double().mean()
-        assert abs(first_of_pair) <= 4 * math.sqrt(1 / N)  # frame 1 as likely to come before frame n-1 as after
 
 
 def test_full_sequence_baseline():
@@ -712,49 +677,28 @@ def test_full_sequence_baseline():
     assert torch.equal(s.visible, s.valid) and (s.K == 0).all() and (s.tau_g < 1).all()
     assert torch.allclose(s.t[s.valid], s.tau_g[:, None].expand_as(s.t)[s.valid])
     calls = []
-    out = fc.generate(lambda x, t, m, c: (calls.append(1), (torch.ones_like(x), torch.full(m.shape, 9.0)))[1],
-                      3, (1, 1, 1), steps=20, order="full_sequence", lengths=torch.tensor([5, 9, 12]), generator=gen(0))
-    assert _lengths(out).tolist() == [5, 9, 12] and all((s.insert_time == 0).all() for s in out)
-    assert len(calls) == 20 and all(s.nfe == 20 for s in out)  # exactly `steps` evaluations, no insertions
+    model = lambda x, t, m, c: (calls.append(1), (torch.full_like(x, 2.0), torch.full(m.shape, 9.0)))[1]  # noqa: E731
+    for n in (5, 9):
+        calls.clear()
+        out = fc.generate(fc.full_sequence(model), 3, (1, 1, 1), n_start=n, steps=20, max_reveal_prob=1.0, generator=gen(n))
+        assert _lengths(out).tolist() == [n] * 3 and all((s.insert_time == 0).all() for s in out)  # no insertion
+        assert len(calls) == 20 and all(s.nfe == 20 for s in out)  # exactly `steps` evaluations
+        assert all(((s.frames - 2.0).abs().flatten() < 4).all() for s in out)  # x_0 + 2: moved by exactly 1 in t
+    prompt = fc.make_prompt("i2v", torch.zeros(2, 1, 1, 1, 1), n_start=6)  # context, then 6 start frames
+    assert prompt.context[0].tolist() == [True] + [False] * 6
+    out = fc.generate(fc.full_sequence(model), 2, (1, 1, 1), prompt=prompt, steps=20, max_reveal_prob=1.0, generator=gen(0))
+    assert _lengths(out).tolist() == [7, 7] and all(s.context[0] and (s.frames[0] == 0) for s in out)
 
 
 def test_task_bad_input():
-    model = _const_rate()
-    with pytest.raises(ValueError, match="at least 2 anchors"):
-        fc.make_prompt("interp", torch.zeros(2, 1, 1, 1, 1))
-    with pytest.raises(ValueError, match=r"must be \(B, A, C, H, W\)"):
-        fc.make_prompt("i2v", torch.zeros(2, 1, 1))
-    with pytest.raises(ValueError, match="prompt frames must be"):
-        fc.generate(model, 2, (1, 1, 1), prompt=fc.make_prompt("i2v", torch.zeros(2, 1, 3, 1, 1)))
-    with pytest.raises(ValueError, match="guidance scales"):
-        fc.generate(model, 2, (1, 1, 1), rate_guidance=-1.0)
-    with pytest.raises(ValueError, match="guidance scales"):
-        fc.generate(model, 2, (1, 1, 1), cfg_scale=-0.5)
-    for gamma in (0.0, -1.0):
-        with pytest.raises(ValueError, match="gamma"):
-            fc.generate(model, 2, (1, 1, 1), gamma=gamma)
-    with pytest.raises(ValueError, match="needs target lengths"):
-        fc.generate(model, 2, (1, 1, 1), order="random")
-    with pytest.raises(ValueError, match="target lengths must lie"):
-        fc.generate(model, 2, (1, 1, 1), order="random", lengths=100, max_frames=64)
-    with pytest.raises(ValueError, match="need order='learned'"):
-        fc.generate(model, 2, (1, 1, 1), prompt=fc.make_prompt("interp", torch.zeros(2, 2, 1, 1, 1)), order="random", lengths=9)
-    ok = fc.make_prompt("interp", torch.zeros(2, 3, 1, 1, 1))
-    with pytest.raises(ValueError, match="bool tensor"):
-        fc.generate(model, 2, (1, 1, 1), prompt=fc.Prompt(ok.frames, ok.context.float(), ok.passive))
-    with pytest.raises(ValueError, match="exactly one start frame"):
-        fc.generate(model, 2, (1, 1, 1), prompt=fc.Prompt(ok.frames, ok.context & False | torch.tensor([1, 0, 0, 1], dtype=torch.bool), ok.passive & False))
-    with pytest.raises(ValueError, match="passive frames must be"):
-        fc.generate(model, 2, (1, 1, 1), prompt=fc.Prompt(ok.frames, ok.context, ok.context))
     with pytest.raises(ValueError, match="unknown task"):
         fc.parse_tasks("uncond,t2v")
     with pytest.raises(ValueError, match="cond_dropout"):
         fc.Config(cond_dropout=1.0)
-    bad = torch.tensor([[True, False, False]])
-    with pytest.raises(ValueError, match="passive frame must be followed"):
-        fc.sample_training_state(torch.tensor([3]), context=bad, passive=bad)
-    with pytest.raises(ValueError, match="at least one frame that is not context"):
-        fc.sample_training_state(torch.tensor([2]), context=torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="task weight 'x'"):
+        fc.parse_tasks("i2v:x")
+    with pytest.raises(ValueError, match="no positive weight"):
+        fc.parse_tasks("uncond:0")
 
 
 #################################################################################
@@ -957,7 +901,7 @@ def test_packing_moves_every_frame_once_into_first_fit_rows(lengths, capacity, s
     """pack_batch is a placement of frames: each video lands whole, in order, in one row; every field
     travels with its frame; padding is inert; and no two rows could have been one (first fit)."""
     batch = _training_batch(lengths, seed=seed)
-    packed = fc.pack_batch(batch, capacity)
+    packed = train.pack_batch(batch, capacity)
     m = batch.mask.sum(dim=1)
     cap = max(capacity, int(m.max()))
     assert packed.mask.shape[1] == cap and torch.equal(packed.mask, packed.video >= 0)
@@ -982,7 +926,7 @@ def test_packed_rows_give_the_padded_outputs_losses_and_gradients(window, count_
     cfg = fc.Config(**{**vars(SMALL), "window": window, "count_embedding": count_embedding})
     model = _randomised(cfg).train()
     padded = _training_batch([8, 3, 5, 4, 7, 3, 6], cfg, seed=1)
-    packed = fc.pack_batch(padded, 8)
+    packed = train.pack_batch(padded, 8)
     assert packed.mask.shape[0] < padded.mask.shape[0] and (packed.video.amax(dim=1) > packed.video[:, 0]).any()
     out = []
     for b in (padded, packed):
@@ -1005,7 +949,7 @@ def test_flex_attention_block_mask_matches_the_dense_mask():
     packed, windowed batch gives the dense SDPA mask's outputs."""
     cfg = fc.Config(**{**vars(SMALL), "window": 1, "attention": "sdpa"})
     model = _randomised(cfg)
-    batch = fc.pack_batch(_training_batch([8, 3, 5, 4, 7, 3, 6], cfg, seed=1), 8)
+    batch = train.pack_batch(_training_batch([8, 3, 5, 4, 7, 3, 6], cfg, seed=1), 8)
     inputs = (batch.x_t, batch.t, batch.mask, batch.cond, batch.video, batch.position)
     with torch.no_grad():
         v, log_lam = model(*inputs)
@@ -1050,11 +994,6 @@ def test_taichi256_on_meta_device():
 #                          Command lines: train.py, sample.py                   #
 #################################################################################
 
-import sample  # noqa: E402
-import toy_data  # noqa: E402
-import train  # noqa: E402
-
-
 def _run_cli(main, argv, capsys):
     """Run a CLI's main; return (exit message or None, stdout)."""
     try:
@@ -1066,8 +1005,8 @@ def _run_cli(main, argv, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--steps", "-5"], "steps must be >= 1, got -5"),
-    (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
+    (["--steps", "-5"], "steps must be >= 1 and finite, got -5"),
+    (["--batch-size", "0"], "batch_size must be >= 1 and finite, got 0"),
     (["--lr", "0"], "lr must be > 0"),
     (["--ema-decay", "1.5"], "ema_decay must be in [0, 1)"),
     (["--preset", "taichi256", "--steps", "1"], "latents"),
@@ -1259,7 +1198,6 @@ def test_quality_statistics_on_data_and_on_damage():
     shuffled = [v[torch.randperm(len(v), generator=gen(2))] for v in clean]
     assert torch.tensor([toy_data.roughness(v) for v in shuffled]).mean() > 5 * rough.mean()
     assert torch.tensor([toy_data.jump_excess(v) for v in shuffled]).mean() > 0.3
-    assert torch.equal(toy_data.outer_distance(videos[:, 0], videos[:, 0]), torch.zeros(200))
 
 
 def test_length_metrics_on_known_inputs():
@@ -1301,12 +1239,14 @@ def test_short_task_training_gives_i2v_interp_and_a_baseline(tmp_path, capsys):
         return torch.load(tmp_path / "s" / "samples.pt", weights_only=True)
 
     i2v = run("--task", "i2v")
-    st = i2v["task_stats"]
+    first, nxt = (torch.stack([f[i] for f in i2v["frames"]]) for i in (0, 1))
+    outer = lambda a, b: float((a[..., 0, [0, 2]] - b[..., 0, [0, 2]]).abs().mean())  # noqa: E731
+    st = {"continuation": outer(nxt, first), "continuation_shuffled": outer(nxt, first.roll(1, dims=0))}
     print(st)
     # frame 1 sits near ITS context frame, not near another video's (measured 0.065 vs 0.586 at 3000 steps)
     assert st["continuation"] < 0.5 * st["continuation_shuffled"]
     interp = run("--task", "interp", "--anchors", "1")
-    print(interp["task_stats"], interp["metrics"])
+    print(interp["metrics"])
     assert all(c.sum() == 3 and c[0] and c[-1] for c in interp["context"])  # the anchors start and end every video
     assert interp["metrics"]["binned_tv"] <= 0.3
     capsys.readouterr()
@@ -1414,7 +1354,7 @@ def test_encode_a_folder_then_train_on_it(tmp_path, capsys):
     assert [r["step"] for r in log] == [1, 2, 3] and all(math.isfinite(r["velocity"]) for r in log)
     sample.main(["--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--num", "3", "--steps", "4", "--vae", str(vae_dir)])
     saved = torch.load(tmp_path / "run" / "samples.pt", weights_only=True)
-    for i, z in enumerate(saved["latents"]):  # every sample decoded one clip at a time: 1 + 8 (f - 1) frames
+    for i, z in enumerate(saved["frames"]):  # every sample decoded one clip at a time: 1 + 8 (f - 1) frames
         frames, fps = fc.read_video(str(tmp_path / "run" / "videos" / f"sample_{i:04d}.mp4"))
         assert frames.shape == (1 + 8 * (z.shape[0] - 1), 3, 64, 64) and fps == 16
     (latents / "zz_bad.pt").write_bytes(b"junk")
@@ -1433,35 +1373,32 @@ def test_flex_attention_is_refused_off_cuda(capsys, tmp_path):
     assert "--attention flex needs CUDA" in code and not os.listdir(tmp_path)
 
 
-def test_sampling_benchmark_counts_steps_and_flops():
-    """sample.py --benchmark at equal steps per frame (uniform grid): the baseline takes exactly `steps`
-    evaluations of every frame; Flowception takes more evaluations, each over fewer frames at first,
-    and its FLOPs land between 1x and 2x the baseline's (its last evaluations see every frame; the
-    paper's 2/3 forgets them, README)."""
-    res = sample.main(["--oracle", "--benchmark", "--num", "64", "--batch-size", "64", "--steps", "10",
-                       "--max-reveal-prob", "1", "--out", "/nonexistent/never-written"])
-    flow, full = res["Flowception"], res["full sequence"]
-    assert full["nfe"] == 10 and 10 < flow["nfe"] <= 20
-    cfg = fc.PRESETS["toy"]
-    assert full["useful"] <= full["executed"] and flow["useful"] <= flow["executed"]
-    assert full["useful"] > 10 * fc.forward_flops(cfg, 14)  # 10 evaluations of videos of >= 14 frames
-    assert 1.0 < flow["useful"] / full["useful"] < 2.0
+def test_sampling_flops_flowception_vs_full_sequence():
+    """At equal steps per frame (the uniform grid of Algorithm 1) the baseline takes exactly `steps`
+    evaluations of every frame; Flowception takes more evaluations, each over fewer frames at first, and
+    its FLOPs land between 1x and 2x the baseline's (its last evaluations see every frame; the paper's 2/3
+    forgets them, README)."""
+    cfg, oracle = fc.PRESETS["toy"], PosteriorMeanOracle(toy_data.length_probs())
+    flow = sample.FlopCounter(oracle, cfg)
+    out = fc.generate(flow, 64, (3, 1, 3), steps=10, max_reveal_prob=1.0, generator=gen(0))
+    lengths = _lengths(out)
+    full, nfe = sample.FlopCounter(oracle, cfg), []
+    for n in lengths.unique().tolist():  # the baseline at the same lengths
+        same = fc.generate(fc.full_sequence(full), int((lengths == n).sum()), (3, 1, 3), n_start=n, steps=10,
+                           max_reveal_prob=1.0, generator=gen(n))
+        nfe += [s.nfe for s in same]
+    assert nfe == [10] * 64 and 10 < sum(s.nfe for s in out) / 64 <= 20
+    assert full.flops >= 10 * 64 * fc.forward_flops(cfg, 14)  # 10 evaluations of 64 videos of >= 14 frames
+    assert 1.0 < flow.flops / full.flops < 2.0
 
 
-def test_benchmark_prints_consistent_ratios(capsys):
-    """--benchmark measures, it does not train: useful FLOPs <= executed FLOPs in every mode, padded and
-    packed run the same batches (same useful FLOPs), and a Flowception video costs fewer useful FLOPs
-    than a full-sequence one (it sees a subset of frames)."""
-    train.main(["--benchmark", "3", "--batch-size", "8", "--dim", "32", "--depth", "1", "--out", "/nonexistent/never-written"])
-    out = capsys.readouterr().out
-    rows = {line.split(":")[0].strip(): line for line in out.splitlines() if "TFLOP/video useful" in line}
-    assert len(rows) == 4
-    useful, executed = {}, {}
-    for name, row in rows.items():
-        useful[name] = float(row.split(" TFLOP/video useful, ")[0].split("| ")[-1])
-        executed[name] = float(row.split(" TFLOP/video useful, ")[1].split(" executed")[0])
-        assert useful[name] <= executed[name] * (1 + 1e-9)
-    for method in ("Flowception", "full sequence"):
-        assert useful[method + ", padded"] == useful[method + ", packed"]
-    ratio = float(out.split("per video, padded: FLOPs ")[1].split(" useful")[0])
-    assert 0.5 < ratio < 1.0
+def test_training_flops_are_most_of_the_baselines_not_a_third():
+    """The paper's "1/3 of the training FLOPs" assumes tau_g on [0, 1]; half of our tau_g lies in [1, 2),
+    where every frame is there. On the same 4,096 toy clips, Flowception's batches cost 0.83x the
+    full-sequence baseline's (train_flops, the MFU of the log line): between 0.75 and 0.9."""
+    cfg = fc.Config(**{**vars(fc.PRESETS["toy"]), "batch_size": 4096})
+    flops = []
+    for full in (False, True):
+        c = fc.Config(**{**vars(cfg), "full_sequence": full})
+        flops.append(train.train_flops(c, train.global_batch(c, c.make_kappa(), gen(0))))
+    assert 0.75 < flops[0] / flops[1] < 0.9

@@ -87,8 +87,3 @@ def jump_excess(frames):
     """
     middle = frames[:, :, 0, 1].double().mean(dim=1)  # (F,) grey level
     return float((middle[1:] - middle[:-1]).abs().sum() - (middle[-1] - middle[0]).abs())
-
-
-def outer_distance(a, b):
-    """Mean absolute difference between the outer pixels of frames a and b (..., 3, 1, 3)."""
-    return (a[..., 0, [0, 2]] - b[..., 0, [0, 2]]).abs().flatten(-2).mean(-1)

@@ -1,19 +1,17 @@
 """Train Flowception.
 
-    python train.py                                   # the 3-pixel toy on CPU, a few minutes on 2 cores
-    python train.py --preset toy_tasks                # the toy on every task: i2v, interpolation, ...
-    python train.py --preset toy --steps 500 --out out/quick
-    python train.py --resume                          # continue out/<preset>/ckpt.pt
-    torchrun --standalone --nproc_per_node=2 train.py # data parallel: gloo on CPU, nccl on CUDA
-    python train.py --encode-videos videos/ --out data/latents --vae Lightricks/LTX-Video
-    torchrun --nproc_per_node=8 train.py --preset taichi256 --data data/latents
-    python train.py --benchmark 30                    # Flowception vs full sequence, padded vs packed: speed, FLOPs
+    python train.py                                    # the 3-pixel toy: about 3 minutes on 2 CPU cores
+    python train.py --preset toy_tasks                 # every task: i2v, interpolation, continuation
+    python train.py --resume                           # continue out/<preset>/ckpt.pt
+    torchrun --standalone --nproc_per_node=2 train.py  # data parallel: gloo on CPU, nccl on CUDA
+    python train.py --encode-videos videos/ --preset taichi256 --out data/taichi256   # mp4s -> LTX latents
+    torchrun --nproc_per_node=8 train.py --preset taichi256 --data data/taichi256
+    python train.py --preset taichi256 --data synthetic --steps 20 --ckpt-every 0   # speed, memory, MFU
 
 One code path for 1..N processes. Every process builds the same global batch from the shared data
-stream and trains on its own rows, in --grad-accum micro-batches; the losses are normalised by the
-counts of the GLOBAL batch, so N processes x k micro-batches compute exactly the loss (and gradient)
-of one process on the whole batch. DistributedDataParallel averages gradients over processes. With
---pack F each micro-batch's videos are packed into rows of F frames (fc.pack_batch): same losses.
+stream and trains on its share of the videos, in --grad-accum micro-batches, each packed into rows of
+--pack frames. The losses are normalised by the counts of the GLOBAL batch, so N processes x k
+micro-batches compute exactly the loss and the gradient of one process on the whole batch.
 """
 import argparse
 import contextlib
@@ -29,8 +27,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint import state_dict as dcp
 from tqdm import tqdm
 
 import flowception as fc
@@ -46,65 +43,60 @@ def print0(*args, **kwargs):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train Flowception (arXiv 2512.11438).")
-    p.add_argument("--preset", choices=fc.PRESETS, default="toy", help="model + data + schedule preset")
-    p.add_argument("--out", default=None, help="output folder (default out/<preset>)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--data", help="toy: the 3-pixel videos; synthetic: random full-length clips of the preset's "
-                   "shape (speed and memory measurements, nothing to learn); else a folder of latent files")
-    p.add_argument("--encode-videos", metavar="DIR", help="instead of training: encode the videos (*.mp4) of DIR "
-                   "into latent files in --out with the LTX VAE (--vae), then exit")
-    p.add_argument("--benchmark", type=int, metavar="STEPS", help="instead of training: time STEPS steps each of "
-                   "Flowception and the full-sequence baseline, alternating; print throughput, FLOPs, MFU and ratios")
-    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s of one device for MFU (default: 989 on an H100/H200)")
-    p.add_argument("--vae", default="Lightricks/LTX-Video", help="hub id or local folder of the LTX-Video VAE (diffusers)")
-    p.add_argument("--steps", type=int, help="total optimizer steps")
-    p.add_argument("--batch-size", type=int, help="videos per optimizer step, over all processes")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per process and step (gradient accumulation)")
-    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute each block in backward (activation checkpointing); taichi256 default")
-    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
-                   help="shard parameters, gradients, optimizer state and EMA per block (FSDP2); taichi256 default")
-    p.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
-    p.add_argument("--warmup", type=int, help="linear warm-up steps, then cosine decay to lr / 10")
-    p.add_argument("--seed", type=int, help="seed of the model init and the data stream")
-    p.add_argument("--ema-decay", type=float, help="EMA decay of the weights used for sampling")
-    p.add_argument("--rate-weight", type=float, help="weight of the insertion (Poisson) loss")
-    p.add_argument("--n-start", type=int, help="frames present at t_g = 0")
-    p.add_argument("--kappa", choices=fc.KAPPAS, help="insertion scheduler")
-    p.add_argument("--tau-density", choices=("uniform", "logit_normal", "late"), help="law of the global time tau_g on [0, 2]")
-    p.add_argument("--hazard-weight", action="store_true", default=None, help="weight the rate loss by dkappa/(1-kappa) (Eq. 19)")
-    p.add_argument("--dim", type=int, help="model width")
-    p.add_argument("--depth", type=int, help="number of DiT blocks")
-    p.add_argument("--heads", type=int, help="attention heads")
-    p.add_argument("--no-count-embedding", dest="count_embedding", action="store_false", default=None,
-                   help="the paper's DiT: no embedding of the frame count (see Config.count_embedding)")
-    p.add_argument("--tasks", help="training task mix, e.g. 'uncond:2,i2v:1,interp:1' (tasks: "
-                   + ", ".join(fc.TASKS) + ")")
-    p.add_argument("--cond-dropout", type=float, help="probability that a video's context is dropped (for guidance)")
-    p.add_argument("--full-sequence", action="store_true", default=None,
-                   help="train the full-sequence flow matching baseline: every frame a start frame, no insertions")
-    p.add_argument("--gamma", type=float, help="per-frame time t = u^gamma (Appendix E); sample with the same gamma")
-    p.add_argument("--window", type=int, help="local attention over +-window frames (0: full)")
-    p.add_argument("--pack", type=int, metavar="FRAMES", help="pack videos into rows of FRAMES frames, several per row "
-                   "(0: pad every video to the batch's longest)")
-    p.add_argument("--attention", choices=("sdpa", "flex"), help="sdpa: dense mask; flex: FlexAttention BlockMask (CUDA)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile every block")
-    p.add_argument("--log-every", type=int, help="steps between log lines")
-    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
+    arg, flag = p.add_argument, argparse.BooleanOptionalAction
+    arg("--preset", choices=fc.PRESETS, default="toy", help="model, data and schedule")
+    arg("--out", help="run folder (default out/<preset>)")
+    arg("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    arg("--data", help="toy: the 3-pixel videos; synthetic: random full-length clips of the preset's shape "
+        "(speed and memory); else a folder of latent files")
+    arg("--encode-videos", metavar="DIR", help="instead: encode the videos of DIR into latent files in --out")
+    arg("--vae", default="Lightricks/LTX-Video", help="hub id or folder of the LTX-Video VAE (diffusers)")
+    arg("--peak-tflops", type=float, help="one device's peak TFLOP/s, for MFU (default: 989 on H100/H200)")
+    arg("--steps", type=int, help="optimizer steps")
+    arg("--batch-size", type=int, help="videos per optimizer step, over all processes")
+    arg("--grad-accum", type=int, help="micro-batches per process and step")
+    arg("--pack", type=int, metavar="FRAMES", help="rows of FRAMES frames, several videos each (0: pad)")
+    arg("--checkpointing", action=flag, help="activation checkpointing: recompute each block in backward")
+    arg("--fsdp", action=flag, help="shard parameters, gradients, optimizer state and EMA per block (FSDP2)")
+    arg("--compile", action=flag, help="torch.compile every block")
+    arg("--attention", choices=("sdpa", "flex"), help="sdpa: a dense mask; flex: FlexAttention (CUDA)")
+    arg("--lr", type=float, help="peak learning rate (AdamW)")
+    arg("--warmup", type=int, help="linear warm-up steps, then cosine decay to lr / 10")
+    arg("--seed", type=int, help="seed of the init and of the data stream")
+    arg("--ema-decay", type=float, help="EMA decay of the weights that sample.py uses")
+    arg("--dim", type=int, help="model width")
+    arg("--depth", type=int, help="DiT blocks")
+    arg("--heads", type=int, help="attention heads")
+    arg("--window", type=int, help="attention within +-window frames (0: the whole video)")
+    arg("--no-count-embedding", dest="count_embedding", action="store_false", default=None,
+        help="the paper's DiT: no embedding of the frame count (see fc.Config)")
+    arg("--kappa", choices=fc.KAPPAS, help="insertion scheduler")
+    arg("--n-start", type=int, help="frames present at tau_g = 0")
+    arg("--tau-density", choices=fc.TAU_DENSITIES, help="law of the global time tau_g on [0, 2)")
+    arg("--rate-weight", type=float, help="weight of the insertion (Poisson) loss")
+    arg("--hazard-weight", action="store_true", default=None, help="weight it by dkappa/(1 - kappa), Eq. 19")
+    arg("--tasks", help=f"task mix, e.g. 'uncond:2,i2v:1' (tasks: {', '.join(fc.TASKS)})")
+    arg("--cond-dropout", type=float, help="P(a video's context is dropped), for guidance")
+    arg("--full-sequence", action="store_true", default=None, help="train the full-sequence baseline")
+    arg("--gamma", type=float, help="per-frame time t = tau^gamma (Appendix E); sample with the same")
+    arg("--log-every", type=int, help="steps between log lines")
+    arg("--ckpt-every", type=int, help="steps between checkpoints (0: none)")
     return p.parse_args(argv)
 
 
 def make_config(args, base=None):
-    """The preset (or a resumed run's config) with every given override applied, validated by Config."""
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(fc.Config)
-                 if getattr(args, f.name, None) is not None}
+    """The preset (or a resumed run's config) with every flag given applied; fc.Config checks the values."""
     base = base or fc.PRESETS[args.preset]
+    given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(fc.Config)}
+    given = {k: v for k, v in given.items() if v is not None}
     shape = ("channels", "height", "width", "patch", "dim", "depth", "heads", "mlp_ratio", "count_embedding")
-    changed = [k for k in shape if k in overrides and overrides[k] != getattr(base, k)]
+    changed = [k for k in shape if k in given and given[k] != getattr(base, k)]
     if args.resume and changed:
         raise ValueError(f"cannot resume with a different model shape: {', '.join(changed)}")
-    return dataclasses.replace(base, **overrides)
+    cfg = dataclasses.replace(base, **given)
+    fc.parse_tasks(cfg.tasks)
+    return cfg
 
 
 def setup_distributed(device, fsdp=False):
@@ -129,10 +121,10 @@ def shard(model, device):
     gradients in fp32 (the sharded parameters, the optimizer state and the EMA stay fp32)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    # cast_forward_inputs=False: autocast already computes in bf16, and a cast inside a checkpointed
-    # block would change the recomputed tensors' dtype (CheckpointError under --checkpointing)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
+    # cast_forward_inputs=False: autocast already computes in bf16, and a cast inside a checkpointed block
+    # would change the recomputed tensors' dtype (CheckpointError under --checkpointing)
+    bf16 = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    mp = MixedPrecisionPolicy(**bf16) if device.type == "cuda" else MixedPrecisionPolicy()
     for block in model.blocks:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -152,19 +144,18 @@ def update_ema(ema, model, decay):
         e.lerp_(p, 1 - decay)
 
 
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on the CPU, whatever the sharding
+FULL = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on the CPU, however sharded
 
 
 def save_checkpoint(path, model, ema, opt, step, cfg, preset, data_rng):
     """One flat dict of full (gathered) tensors and plain data, written atomically by rank 0.
 
-    Gathered rather than sharded: one file that loads with torch.load(weights_only=True) anywhere, and
-    resumes on any number of processes with or without FSDP2; for taichi256 it is 26 GB, written once
-    per ckpt_every steps. Every process must call this (the gathering is collective).
+    Gathered, not sharded: one file that loads with torch.load(weights_only=True) anywhere and resumes on
+    any number of processes, with or without FSDP2 (26 GB for taichi256). Every process must call this.
     """
-    ckpt = {"model": get_model_state_dict(model, options=FULL), "ema": get_model_state_dict(ema, options=FULL),
-            "optimizer": get_optimizer_state_dict(model, opt, options=FULL), "step": step,
-            "config": dataclasses.asdict(cfg), "preset": preset, "data_rng": data_rng.get_state()}
+    ckpt = {name: dcp.get_model_state_dict(m, options=FULL) for name, m in (("model", model), ("ema", ema))}
+    ckpt |= {"optimizer": dcp.get_optimizer_state_dict(model, opt, options=FULL), "step": step,
+             "config": dataclasses.asdict(cfg), "preset": preset, "data_rng": data_rng.get_state()}
     if rank == 0:
         torch.save(ckpt, path + ".tmp")
         os.replace(path + ".tmp", path)
@@ -172,8 +163,8 @@ def save_checkpoint(path, model, ema, opt, step, cfg, preset, data_rng):
 
 def encode_videos(src, out, vae_name, device, max_frames):
     """Every *.mp4 of src -> one latent file per clip in out, cut to the preset's max_frames latent frames
-    (1 + 8 (max_frames - 1) video frames); a bad video is reported and skipped."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    (1 + 8 (max_frames - 1) video frames); a video that cannot be used is named and skipped."""
+    if world_size > 1 or int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ValueError("--encode-videos runs in one process (not under torchrun)")
     videos = sorted(glob.glob(os.path.join(src, "**", "*.mp4"), recursive=True))
     if not videos:
@@ -184,47 +175,78 @@ def encode_videos(src, out, vae_name, device, max_frames):
     for path in tqdm(videos, desc="encoding"):
         try:
             frames, fps = fc.read_video(path)
-            if frames.shape[0] < 1 + fc.LTX_TEMPORAL:
-                raise ValueError(f"video {path} has {frames.shape[0]} frames, fewer than {1 + fc.LTX_TEMPORAL}")
-            frames = frames[: 1 + fc.LTX_TEMPORAL * (max_frames - 1)]
-            z = fc.encode_video(vae, frames.float() / 127.5 - 1)
-        except (ValueError, RuntimeError) as e:  # RuntimeError: e.g. out of memory on a huge frame size
+            if len(frames) < 1 + fc.LTX_TEMPORAL:
+                raise ValueError(f"video {path} has {len(frames)} frames, fewer than {1 + fc.LTX_TEMPORAL}")
+            z = fc.encode_video(vae, frames[: 1 + fc.LTX_TEMPORAL * (max_frames - 1)].float() / 127.5 - 1)
+        except (ValueError, RuntimeError) as e:  # RuntimeError: e.g. out of memory on a huge frame
             failed += 1
-            tqdm.write(f"skipped: {e}" if isinstance(e, ValueError) else f"skipped: {path} ({type(e).__name__}: {str(e)[:80]})")
+            tqdm.write(f"skipped: {e}" if isinstance(e, ValueError) else f"skipped: {path} ({str(e)[:80]})")
             continue
         name = os.path.splitext(os.path.relpath(path, src))[0].replace(os.sep, "__")
         fc.save_latents(os.path.join(out, name + ".pt"), z, fps)
-    print(f"encoded {len(videos) - failed} of {len(videos)} videos into {out}" + (f" ({failed} skipped)" if failed else ""))
+    print(f"encoded {len(videos) - failed} of {len(videos)} videos into {out} ({failed} skipped)")
 
 
 def global_batch(cfg, kappa, data_rng, dataset=None):
     """The step's whole batch, built on the CPU from the shared data stream (the same on every process)."""
-    # 1. clean videos, padded, with their lengths
+    # 1. clean videos, padded, and their lengths
+    B, F = cfg.batch_size, cfg.max_frames
     if cfg.data == "toy":
-        x_1, lengths = toy_data.sample_toy_videos(cfg.batch_size, data_rng)
+        x_1, lengths = toy_data.sample_toy_videos(B, data_rng)
         x_1 = x_1[:, : int(lengths.max())]
     elif dataset is not None:  # latent clips, drawn with replacement
-        x_1, lengths = dataset.batch(torch.randint(len(dataset), (cfg.batch_size,), generator=data_rng))
+        x_1, lengths = dataset.batch(torch.randint(len(dataset.clips), (B,), generator=data_rng))
     else:  # synthetic: the longest clips the preset allows
-        lengths = torch.full((cfg.batch_size,), cfg.max_frames)
-        x_1 = torch.randn(cfg.batch_size, cfg.max_frames, cfg.channels, cfg.height, cfg.width, generator=data_rng)
-    # 2. each video's task (its context frames) and where every frame stands in extended time
+        x_1 = torch.randn(B, F, cfg.channels, cfg.height, cfg.width, generator=data_rng)
+        lengths = torch.full((B,), F)
+    # 2. each video's task (its context frames) and where each of its frames stands in extended time
     context, passive = fc.sample_context(lengths, cfg.tasks, data_rng)
-    state = fc.sample_training_state(lengths, kappa, cfg.n_start, generator=data_rng, tau_density=cfg.tau_density,
-                                     context=context, passive=passive, full_sequence=cfg.full_sequence, gamma=cfg.gamma)
-    # 3. what the model sees: visible frames noised to their own times, stripped and padded
+    state = fc.sample_training_state(lengths, kappa, cfg.n_start, None, data_rng, cfg.tau_density, context,
+                                     passive, cfg.full_sequence, cfg.gamma)
+    # 3. what the model sees: the visible frames, noised to their own times, stripped and padded
     return fc.make_training_batch(x_1, state, generator=data_rng, cond_dropout=cfg.cond_dropout)
+
+
+def pack_batch(batch, capacity):
+    """A padded TrainingBatch (one video per row) -> the same frames in rows of `capacity` frames (at least
+    the longest video), several videos to a row, placed first-fit decreasing. `video` tags each frame with
+    its video's index in the batch, so the model's attention stays within a video; the losses only sum
+    over frames and are unchanged, but the model runs on fewer padding frames."""
+    lengths = batch.mask.sum(dim=1).tolist()
+    capacity = max(capacity, max(lengths))
+    rows, room = [], []  # the videos of each row, and its free frames
+    for b in sorted(range(len(lengths)), key=lambda b: -lengths[b]):
+        r = next((r for r, free in enumerate(room) if free >= lengths[b]), len(rows))
+        if r == len(rows):
+            rows.append([])
+            room.append(capacity)
+        rows[r].append(b)
+        room[r] -= lengths[b]
+    # packed frame [r, f] is frame src_f[r, f] of video src_b[r, f]; -1: padding
+    src_b = torch.full((len(rows), capacity), -1, dtype=torch.long, device=batch.mask.device)
+    src_f = torch.zeros_like(src_b)
+    for r, row in enumerate(rows):
+        f = 0
+        for b in row:
+            src_b[r, f: f + lengths[b]], src_f[r, f: f + lengths[b]] = b, torch.arange(lengths[b])
+            f += lengths[b]
+
+    def move(v):  # (B, F', ...) -> (R, capacity, ...): each packed frame's source; zero (False) on padding
+        real = (src_b >= 0).view(*src_b.shape, *[1] * (v.dim() - 2))
+        return torch.where(real, v[src_b, src_f], torch.zeros((), dtype=v.dtype, device=v.device))
+
+    moved = {k: move(v) for k, v in vars(batch).items() if k not in ("video", "position")}
+    return fc.TrainingBatch(**moved, video=src_b, position=src_f)
 
 
 def my_micro_batches(batch, cfg):
     """This process's videos of the global batch in grad_accum micro-batches, each trimmed to its longest
     video, or packed into rows of cfg.pack frames."""
-    videos = torch.arange(batch.mask.shape[0]).chunk(world_size)[rank]
     out = []
-    for r in videos.chunk(cfg.grad_accum):
+    for r in torch.arange(len(batch.mask)).chunk(world_size)[rank].chunk(cfg.grad_accum):
         F = max(int(batch.mask[r].sum(1).max()), 1)
         mb = fc.TrainingBatch(**{k: v[r, :F] for k, v in vars(batch).items()})
-        out.append(fc.pack_batch(mb, cfg.pack) if cfg.pack else mb)
+        out.append(pack_batch(mb, cfg.pack) if cfg.pack else mb)
     return out
 
 
@@ -240,10 +262,9 @@ def forward_backward(net, model, batch, cfg, kappa, device, autocast):
             model.set_requires_gradient_sync(last)
         with autocast, (net.no_sync() if net is not model and not last else contextlib.nullcontext()):
             v, log_lam = net(mb.x_t, mb.t, mb.mask, mb.cond, mb.video, mb.position)
-            # this micro-batch's share of the global means (Eqs. 12, 20)
-            loss_v = fc.velocity_loss(v, mb, count=n_active)
+            loss_v = fc.velocity_loss(v, mb, count=n_active)  # this micro-batch's share of the global means
             loss_r = fc.rate_loss(log_lam, mb, kappa, cfg.hazard_weight, count=n_insert)
-            loss = loss_v + (0.0 if cfg.full_sequence else cfg.rate_weight) * loss_r  # baseline: nothing to insert
+            loss = loss_v + (0 if cfg.full_sequence else cfg.rate_weight) * loss_r  # baseline: no insertions
             (loss * world_size).backward()  # DDP averages over processes; the counts are already global
         losses += torch.stack([loss_v.detach(), loss_r.detach()]).double().cpu()
     if world_size > 1:  # the global batch's losses, for the log (on the device: nccl has no CPU tensors)
@@ -253,87 +274,16 @@ def forward_backward(net, model, batch, cfg, kappa, device, autocast):
     return losses
 
 
-def expected_flop_ratio(cfg, kappa, dataset=None, draws=20_000):
-    """E[training FLOPs of a video] under the configured law (tasks, tau_g density, gamma), Flowception over
-    the full-sequence baseline, before any padding: Monte Carlo over `draws` training states."""
-    g = torch.Generator().manual_seed(1)
-    if cfg.data == "toy":
-        lengths = toy_data.sample_toy_videos(draws, g)[1]
-    elif dataset is not None:
-        lengths = torch.tensor([c.shape[0] for c in dataset.clips])[torch.randint(len(dataset), (draws,), generator=g)]
-    else:
-        lengths = torch.full((draws,), cfg.max_frames)
-    context, passive = fc.sample_context(lengths, cfg.tasks, g)
-    visible = fc.sample_training_state(lengths, kappa, cfg.n_start, generator=g, tau_density=cfg.tau_density,
-                                       context=context, passive=passive, gamma=cfg.gamma).visible.sum(dim=1)
-    flops = lambda frames: sum(n * fc.forward_flops(cfg, f) for f, n in enumerate(torch.bincount(frames).tolist()))  # noqa: E731
-    return flops(visible) / flops(lengths)
+def train_flops(cfg, batch):
+    """Model FLOPs of a training step over the batch's real frames, as nanoGPT's estimate_mfu counts."""
+    return 3 * sum(fc.forward_flops(cfg, n) for n in batch.mask.sum(dim=1).tolist())
 
 
-def benchmark(args, cfg, net, model, opt, kappa, data_rng, dataset, device, autocast):
-    """Time training steps of Flowception and of the full-sequence baseline, each padded and packed, on the
-    same data geometry: the four alternate step by step after 2 warm-up steps each, padded and packed
-    on the same batches. Print throughput, FLOPs, MFU and the ratios.
-
-    FLOPs are model FLOPs (3x forward_flops, without the recomputation of activation checkpointing):
-    'useful' over the real frames of each video, 'executed' over the rows the model ran on, as dense
-    attention would (FlexAttention skips the blocks between videos: it executes fewer).
-    """
-    rows = cfg.pack or cfg.max_frames
-    modes = {f"{name}, {layout}": dataclasses.replace(cfg, full_sequence=full, pack=pack)
-             for name, full in (("Flowception", False), ("full sequence", True))
-             for layout, pack in (("padded", 0), ("packed", rows))}
-    L1 = (cfg.height // cfg.patch[0]) * (cfg.width // cfg.patch[1]) + 1
-    peak = args.peak_tflops
-    if peak is None and device.type == "cuda" and any(g in torch.cuda.get_device_name(device) for g in ("H100", "H200")):
-        peak = 989.0  # dense bf16, SXM
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    stats = {name: dict(seconds=0.0, videos=0, real=0, padded=0, flops=0.0, executed=0.0, memory=0.0) for name in modes}
-    for step in tqdm(range(args.benchmark + 2), desc="benchmark", disable=rank != 0):
-        for method in ("Flowception", "full sequence"):
-            batch = global_batch(modes[method + ", padded"], kappa, data_rng, dataset)  # the same for both layouts
-            for name in (method + ", padded", method + ", packed"):
-                c = modes[name]
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                sync()
-                t0 = time.perf_counter()
-                opt.zero_grad(set_to_none=True)
-                forward_backward(net, model, batch, c, kappa, device, autocast)
-                opt.step()
-                sync()
-                if step < 2:
-                    continue
-                st, frames = stats[name], batch.mask.sum(dim=1)
-                st["seconds"] += time.perf_counter() - t0
-                st["videos"] += len(frames)
-                st["real"] += int(frames.sum()) * L1
-                st["flops"] += 3 * sum(fc.forward_flops(c, int(f)) for f in frames)
-                for mb in my_micro_batches(batch, c):  # this process's rows, times the processes
-                    st["padded"] += mb.mask.numel() * L1 * world_size
-                    st["executed"] += 3 * mb.mask.shape[0] * fc.forward_flops(c, mb.mask.shape[1]) * world_size
-                st["memory"] = max(st["memory"], torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0)
-    print0(f"{args.preset}, batch {cfg.batch_size}, packed rows of {rows} frames, {args.benchmark} timed steps each, "
-           f"{world_size} x {device.type}{f', peak {peak:.0f} TFLOP/s' if peak else ''}, attention "
-           f"{cfg.attention}")
-    speed = {}
-    for name, st in stats.items():
-        achieved = st["flops"] / st["seconds"] / 1e12
-        speed[name] = st["videos"] / st["seconds"]
-        mfu = f" | MFU {achieved / (peak * world_size):.1%}" if peak else ""
-        memory = f" | peak memory {st['memory']:.1f} GiB" if device.type == "cuda" else ""
-        print0(f"{name:>22}: {speed[name]:8.1f} videos/s | {st['real'] / st['seconds']:10.0f} tokens/s | "
-               f"{st['flops'] / st['videos'] / 1e12:.4g} TFLOP/video useful, {st['executed'] / st['videos'] / 1e12:.4g} executed | "
-               f"{achieved:.3g} TFLOP/s{mfu} | padding efficiency {st['real'] / st['padded']:.1%}{memory}")
-    per_video = lambda name, key: stats[name][key] / stats[name]["videos"]  # noqa: E731
-    for method in ("Flowception", "full sequence"):
-        print0(f"{method}: packed / padded speed {speed[method + ', packed'] / speed[method + ', padded']:.2f}x")
-    for layout in ("padded", "packed"):
-        a, b = f"Flowception, {layout}", f"full sequence, {layout}"
-        print0(f"Flowception / full sequence per video, {layout}: FLOPs {per_video(a, 'flops') / per_video(b, 'flops'):.3f} "
-               f"useful, {per_video(a, 'executed') / per_video(b, 'executed'):.3f} executed; "
-               f"wall-clock {per_video(a, 'seconds') / per_video(b, 'seconds'):.3f}")
-    print0(f"expected under the training law (20,000 draws, no padding): FLOPs {expected_flop_ratio(cfg, kappa, dataset):.3f}")
+def peak_tflops(args, device):
+    """One device's peak for MFU: --peak-tflops, or 989 TFLOP/s of dense bf16 on an H100 or H200."""
+    if args.peak_tflops or device.type != "cuda":
+        return args.peak_tflops
+    return 989.0 if any(g in torch.cuda.get_device_name(device) for g in ("H100", "H200")) else None
 
 
 def train(args):
@@ -342,26 +292,25 @@ def train(args):
     ckpt = fc.load_checkpoint(ckpt_path) if args.resume else None
     if ckpt is not None and ckpt["preset"] != args.preset:
         raise ValueError(f"checkpoint {ckpt_path} is of preset {ckpt['preset']!r}, not {args.preset!r}")
-    if ckpt is not None and not {"optimizer", "data_rng"} <= set(ckpt):
-        raise ValueError(f"checkpoint {ckpt_path} has no optimizer or data state to resume from")
     cfg = make_config(args, base=fc.Config.from_dict(ckpt["config"]) if ckpt else None)
     device = setup_distributed(args.device, cfg.fsdp)
     if cfg.attention == "flex" and device.type != "cuda":
-        raise ValueError("--attention flex needs CUDA: FlexAttention has no backward on the CPU in this torch")
+        raise ValueError("--attention flex needs CUDA: FlexAttention has no CPU backward in this torch")
     if cfg.data == "latents":
-        raise ValueError(f"preset {args.preset!r} trains on LTX latents: pass --data DIR (a folder of latent files, "
-                         "see `--encode-videos`), or --data synthetic to measure speed and memory")
+        raise ValueError(f"preset {args.preset!r} trains on LTX latents: pass --data DIR (a folder of latent "
+                         "files, see --encode-videos), or --data synthetic to measure speed and memory")
+    if cfg.batch_size % (world_size * cfg.grad_accum):
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of processes x grad_accum = "
+                         f"{world_size * cfg.grad_accum}")
     dataset = fc.LatentFolder(cfg.data, cfg) if cfg.data not in ("toy", "synthetic") else None
     if dataset is not None:
-        print0(f"{len(dataset)} latent clips in {cfg.data}")
-    if cfg.batch_size % (world_size * cfg.grad_accum):
-        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of processes x grad_accum = {world_size * cfg.grad_accum}")
+        print0(f"{len(dataset.clips)} latent clips in {cfg.data}")
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     data_rng = torch.Generator().manual_seed(cfg.seed)  # the same global batches on every process
     with torch.device(device):  # initialise in place: seconds instead of minutes for taichi256 on a GPU
         model = fc.build_model(cfg)
     ema = copy.deepcopy(model).requires_grad_(False)
-    if cfg.compile:  # per block, as torchtitan does: the same code for every block, compiled once
+    if cfg.compile:  # per block, as torchtitan does: one code for every block, compiled once
         for block in model.blocks:
             block.compile()
     if cfg.fsdp:
@@ -371,53 +320,59 @@ def train(args):
     kappa = cfg.make_kappa()
     start = 0
     if ckpt is not None:
-        load = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, ckpt["model"], options=load)
-        set_model_state_dict(ema, ckpt["ema"], options=load)
-        set_optimizer_state_dict(model, opt, ckpt["optimizer"], options=load)
+        load = dcp.StateDictOptions(full_state_dict=True)
+        dcp.set_model_state_dict(model, ckpt["model"], options=load)
+        dcp.set_model_state_dict(ema, ckpt["ema"], options=load)
+        dcp.set_optimizer_state_dict(model, opt, ckpt["optimizer"], options=load)
         data_rng.set_state(ckpt["data_rng"])
         start = ckpt["step"]
         print0(f"resumed from {ckpt_path} at step {start}")
     net = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 and not cfg.fsdp else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    if args.benchmark:  # nothing is written
-        return benchmark(args, cfg, net, model, opt, kappa, data_rng, dataset, device, autocast)
+    bf16 = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     os.makedirs(out, exist_ok=True)
-    log_path = os.path.join(out, "log.jsonl")  # one JSON line per step: step, velocity, rate, lr
+    log_path = os.path.join(out, "log.jsonl")  # one JSON line per step
     if rank == 0 and os.path.exists(log_path):  # a fresh run starts a new log; a resumed one drops later rows
         rows = [line for line in open(log_path) if ckpt is not None and json.loads(line)["step"] <= start]
         with open(log_path, "w") as f:
             f.writelines(rows)
     n_params = sum(p.numel() for p in model.parameters())
-    print0(f"preset {args.preset}: {n_params / 1e6:.2f}M parameters, {cfg.steps} steps of {cfg.batch_size} videos "
-           f"on {world_size} x {device.type} ({cfg.grad_accum} micro-batches each; "
-           f"{'FSDP2' if cfg.fsdp else 'DDP' if world_size > 1 else 'one process'}"
+    parallel = "FSDP2" if cfg.fsdp else "DDP" if world_size > 1 else "one process"
+    print0(f"preset {args.preset}: {n_params / 1e6:.2f}M parameters, {cfg.steps} steps of {cfg.batch_size} "
+           f"videos on {world_size} x {device.type} ({cfg.grad_accum} micro-batches each; {parallel}"
            f"{', activation checkpointing' if cfg.checkpointing else ''})")
+    peak = peak_tflops(args, device)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0, dynamic_ncols=True)
-    t_log, sums, n_logged = time.time(), torch.zeros(2, dtype=torch.float64), 0
+    t_log, sums, flops, n_logged = time.time(), torch.zeros(2, dtype=torch.float64), 0.0, 0
     for step in bar:
+        # 1. the global batch: clean videos, tasks, the training state, noised and stripped (Algorithm 2)
         batch = global_batch(cfg, kappa, data_rng, dataset)
+        # 2. this process's share of the losses and gradients (Eqs. 11, 12)
         opt.zero_grad(set_to_none=True)
         losses = forward_backward(net, model, batch, cfg, kappa, device, autocast)
+        # 3. clip, schedule, step, EMA (warmed up: the early EMA is not the init)
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.step()
-        update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))  # warmed up: early EMA is not the init
-        sums += losses
-        n_logged, done = n_logged + 1, step + 1
+        update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        # 4. log and checkpoint
+        sums, flops, n_logged, done = sums + losses, flops + train_flops(cfg, batch), n_logged + 1, step + 1
         if rank == 0:
             with open(log_path, "a") as f:
-                f.write(json.dumps({"step": done, "velocity": losses[0].item(), "rate": losses[1].item(), "lr": lr}) + "\n")
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            speed = n_logged / (time.time() - t_log)
-            memory = f" | peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
-            if rank == 0:
-                bar.write(f"step {done:6d} | velocity {sums[0] / n_logged:.4f} | rate {sums[1] / n_logged:.4f} | "
-                          f"lr {lr:.2e} | {speed:.2f} steps/s, {speed * cfg.batch_size:.1f} videos/s{memory}")
-            t_log, sums, n_logged = time.time(), torch.zeros(2, dtype=torch.float64), 0
+                f.write(json.dumps({"step": done, "velocity": losses[0].item(), "rate": losses[1].item(),
+                                    "lr": lr}) + "\n")
+        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
+            seconds = time.time() - t_log
+            tflops = flops / seconds / 1e12
+            line = (f"step {done:6d} | velocity {sums[0] / n_logged:.4f} | rate {sums[1] / n_logged:.4f} | "
+                    f"lr {lr:.2e} | {n_logged * cfg.batch_size / seconds:.1f} videos/s, {tflops:.3g} TFLOP/s")
+            line += f", MFU {tflops / peak / world_size:.1%}" if peak else ""
+            memory = torch.cuda.max_memory_allocated(device) / 2**30 if bf16 else 0
+            bar.write(line + (f" | {memory:.1f} GiB" if bf16 else ""))
+            t_log, sums, flops, n_logged = time.time(), torch.zeros(2, dtype=torch.float64), 0.0, 0
         if cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == cfg.steps):
             save_checkpoint(ckpt_path, model, ema, opt, done, cfg, args.preset, data_rng)
     print0(f"saved {ckpt_path}; sample it with: python sample.py --ckpt {ckpt_path}" if cfg.ckpt_every
