@@ -21,7 +21,7 @@ import functools
 import glob
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as nnf
@@ -100,13 +100,21 @@ class Config:
         if self.height % self.patch[0] or self.width % self.patch[1] or self.dim % (2 * self.heads):
             raise ValueError(f"patch {self.patch} must divide the frame {self.height}x{self.width}, and dim "
                              f"{self.dim} split into {self.heads} heads of even size")
+        if self.n_start > self.max_frames or self.attention not in ("sdpa", "flex"):
+            raise ValueError(f"n_start {self.n_start} must be <= max_frames {self.max_frames}, attention "
+                             f"sdpa or flex (got {self.attention!r})")
 
     def make_kappa(self):
         return KAPPAS[self.kappa]()
 
     @classmethod
     def from_dict(cls, d):
-        """Inverse of dataclasses.asdict, for the configs stored in checkpoints."""
+        """Inverse of dataclasses.asdict, for the configs stored in checkpoints. A config of another version
+        of this code is refused, naming the keys that differ: a default filled in would change the run."""
+        names = {f.name for f in fields(cls)}
+        if set(d) != names:
+            raise ValueError(f"its config has unknown keys {sorted(set(d) - names)} and lacks "
+                             f"{sorted(names - set(d))}: written by another version of this code?")
         return cls(**{**d, "patch": tuple(d["patch"])})
 
 
@@ -222,6 +230,7 @@ def sample_tau_g(n, density="uniform", generator=None, device=None):
         return 2 * torch.rand(n, generator=generator, device=device)
     if density == "logit_normal":
         return 2 * torch.sigmoid(torch.randn(n, generator=generator, device=device))
+    assert density == "late", density
     u, coin = torch.rand(2, n, generator=generator, device=device)
     return torch.where(coin < 0.5, 1 - (1 - u) ** 2, 1 + u)
 
@@ -259,6 +268,7 @@ def sample_training_state(lengths, kappa=None, n_start=1, tau_g=None, generator=
     free = valid & ~context  # the frames the model generates
     has_context = context.any(dim=1)  # (B,)
     assert (context[:, 0] | ~has_context).all(), "context begins a video (sample_context, make_prompt)"
+    assert (lengths >= n_start).all(), f"videos shorter than n_start={n_start}"
     # who may start, and how many do: the rank of a random score decides (frame 0 first where it is free)
     first_gap = free & ((context & (free.cumsum(dim=1) > 0)).cumsum(dim=1) == 0)
     may_start = free if full_sequence else torch.where(has_context[:, None], first_gap, free)
@@ -359,18 +369,16 @@ def parse_tasks(spec):
             mix[name] = float(weight or 1)
         except ValueError:
             raise ValueError(f"task weight {weight!r} in {spec!r} is not a number") from None
-        if not mix[name] >= 0:
-            raise ValueError(f"task weights must be >= 0, got {spec!r}")
+        if not 0 <= mix[name] < math.inf:
+            raise ValueError(f"task weights must be >= 0 and finite, got {spec!r}")
     if sum(mix.values()) <= 0:
         raise ValueError(f"task mix {spec!r} has no positive weight")
     return mix
 
 
 def sample_context(lengths, tasks="uncond", generator=None):
-    """A task per video, drawn from the mix, and its context pattern: context, passive (B, F) bool.
-
-    interp never anchors frame 1: the start frame lies between the first two anchors. Draws on the CPU.
-    """
+    """A task per video, drawn from the mix, and its context pattern: context, passive (B, F) bool. interp
+    never anchors frame 1: the start frame lies between the first two anchors. lengths on the CPU."""
     lengths = torch.as_tensor(lengths, dtype=torch.long)
     B, F = len(lengths), int(lengths.max())
     none = torch.zeros(B, F, dtype=torch.bool)
@@ -649,6 +657,7 @@ def make_prompt(task, frames, n_start=1):
     """
     B, A = frames.shape[:2]
     assert A == 1 if task == "i2v" else A >= (2 if task == "interp" else 1), f"{task} with {A} context frames"
+    assert n_start == 1 or task != "interp", "the baseline of interp would need the length of every gap"
     passive = {"i2v": [False], "interp": [False] * (A - 1) + [True], "extend": [True] * (A - 1) + [False]}
     passive = passive[task]
     at = A if task == "extend" else 1  # where the start frames go
@@ -840,12 +849,13 @@ def generate(model, num_videos, frame_shape, kappa=None, n_start=1, steps=100, s
 
 def full_sequence(model):
     """The full-sequence flow matching baseline, as generate runs it: give every frame as a start frame
-    (n_start, or make_prompt(..., n_start)) and max_reveal_prob=1, and this model never inserts, so each
-    frame takes exactly `steps` Euler steps. The same as training it with Config.full_sequence."""
+    (n_start, or make_prompt(..., n_start)), max_reveal_prob=1 and no rate guidance; this model never
+    inserts (lam = e^-10000 = 0), so each frame takes exactly `steps` Euler steps. Config.full_sequence
+    trains it."""
 
     def no_insertions(*inputs):
         v, log_lam = model(*inputs)
-        return v, torch.full_like(log_lam, -math.inf)
+        return v, torch.full_like(log_lam, -1e4)
 
     return no_insertions
 
@@ -853,6 +863,11 @@ def full_sequence(model):
 #################################################################################
 #          LTX-Video latents: files, a dataset, VAE encode and decode, mp4      #
 #################################################################################
+
+def why(e):
+    """An exception as a short line, for the one-line errors of files a user hands in."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:100]}"
+
 
 # The LTX-Video VAE maps 1 + 8k frames of H x W pixels to 1 + k latent frames of 128 x H/32 x W/32.
 LTX_TEMPORAL, LTX_SPATIAL = 8, 32
@@ -874,12 +889,14 @@ def load_latents(path, channels=None, size=None):
         F, h, w = (int(torch.as_tensor(d[k]).flatten()[0]) for k in ("num_frames", "height", "width"))
         z = rearrange(d["latents"].float(), "(f h w) c -> f c h w", f=F, h=h, w=w)
     except Exception as e:  # unreadable, not a dict, missing keys, inconsistent shapes
-        raise ValueError(f"latent file {path} is not readable ({type(e).__name__}: {str(e)[:80]})") from None
+        raise ValueError(f"latent file {path} is not readable ({why(e)})") from None
     if channels is not None and z.shape[1] != channels:
         raise ValueError(f"latent file {path} has {z.shape[1]} channels, the preset wants {channels}")
     if size is not None and tuple(z.shape[2:]) != tuple(size):
         raise ValueError(f"latent file {path} is {z.shape[2]}x{z.shape[3]} latents, the preset wants "
                          f"{size[0]}x{size[1]}")
+    if not z.isfinite().all():
+        raise ValueError(f"latent file {path} holds NaN or inf")
     return z
 
 
@@ -921,8 +938,7 @@ def load_vae(name_or_path, device="cpu", dtype=torch.float32):
     try:
         vae = AutoencoderKLLTXVideo.from_pretrained(name_or_path, subfolder=sub, torch_dtype=dtype)
     except Exception as e:  # offline without a cache, a wrong path, not a VAE
-        raise ValueError(f"cannot load the LTX VAE from {name_or_path!r} ({type(e).__name__}: "
-                         f"{str(e)[:120]})") from None
+        raise ValueError(f"cannot load the LTX VAE from {name_or_path!r} ({why(e)})") from None
     return vae.to(device).eval()
 
 
@@ -985,7 +1001,7 @@ def read_video(path):
             frames = [torch.from_numpy(f.to_ndarray(format="rgb24")) for f in container.decode(stream)]
             fps = float(stream.average_rate or 16)
     except Exception as e:
-        raise ValueError(f"video {path} cannot be decoded ({type(e).__name__}: {str(e)[:80]})") from None
+        raise ValueError(f"video {path} cannot be decoded ({why(e)})") from None
     if not frames:
         raise ValueError(f"video {path} has no frames")
     return torch.stack(frames).permute(0, 3, 1, 2), fps
@@ -1004,22 +1020,47 @@ def write_video(path, frames, fps):
 
 
 #################################################################################
-#                                 Checkpoints                                   #
+#                           Checkpoints and devices                             #
 #################################################################################
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """A checkpoint (plain tensors and data, loaded with weights_only=True), or a one-line error."""
+def load_checkpoint(path):
+    """-> (checkpoint, its Config), every tensor checked; or a one-line error naming what is wrong. Loaded
+    with weights_only=True and mmap (26 GB for taichi256): drop the dict once its tensors are copied."""
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path} does not exist (train one with `python train.py`)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)  # taichi256: 26 GB
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated, not a torch file, an unsafe pickle...
-        raise ValueError(f"checkpoint {path} is not a readable checkpoint ({type(e).__name__})") from None
+        raise ValueError(f"checkpoint {path} is not a readable checkpoint ({why(e)})") from None
     missing = {"model", "ema", "config", "step", "preset"} - set(ckpt if isinstance(ckpt, dict) else ())
     if missing:
         raise ValueError(f"checkpoint {path} lacks {sorted(missing)}")
-    return ckpt
+    try:
+        cfg = Config.from_dict(ckpt["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint {path}: {e}") from None
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in build_model(cfg).state_dict().items()}
+    for key in ("model", "ema"):
+        if {k: v.shape for k, v in ckpt[key].items()} != shapes:
+            raise ValueError(f"checkpoint {path}: its {key} weights do not fit its config (names, shapes)")
+        if not all(v.isfinite().all() for v in ckpt[key].values()):
+            raise ValueError(f"checkpoint {path}: its {key} weights hold NaN or inf")
+    return ckpt, cfg
+
+
+def get_device(name):
+    """--device: None (a CUDA GPU when there is one, else the CPU), or a device torch knows and can use."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r} (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA GPU")
+    return device
 
 
 #################################################################################

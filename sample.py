@@ -57,15 +57,14 @@ def parse_args(argv=None):
     arg("--raw", action="store_true", help="sample the raw weights instead of the EMA")
     arg("--seed", type=int, default=0, help="sampling seed")
     arg("--out", help="output folder (default: the checkpoint's)")
-    arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    arg("--device", help="cpu, cuda, cuda:1... (default: cuda when there is a GPU)")
     return p.parse_args(argv)
 
 
 def load_model(args):
     """-> (model, config, label); a one-line error for what the checkpoint cannot do."""
-    ckpt = fc.load_checkpoint(args.ckpt)
-    cfg = fc.Config.from_dict(ckpt["config"])
-    if cfg.attention == "flex" and "cuda" not in str(args.device):  # the same rule as a dense mask
+    ckpt, cfg = fc.load_checkpoint(args.ckpt)
+    if cfg.attention == "flex" and args.device.type != "cuda":  # the same rule as a dense mask
         cfg = dataclasses.replace(cfg, attention="sdpa")
     if args.task != "uncond" and not fc.parse_tasks(cfg.tasks).get(args.task):
         raise ValueError(f"{args.ckpt} was trained on tasks {cfg.tasks!r}, not {args.task!r} (see --tasks)")
@@ -89,7 +88,10 @@ def context_frames(args, cfg):
     if args.context is not None:
         if not os.path.isfile(args.context):
             raise ValueError(f"context file {args.context} does not exist")
-        frames = torch.load(args.context, weights_only=True)
+        try:
+            frames = torch.load(args.context, weights_only=True)
+        except Exception as e:
+            raise ValueError(f"context file {args.context} is not readable ({fc.why(e)})") from None
         if isinstance(frames, dict):  # a latent file: its first frame, first clip or first and last frame
             z = fc.load_latents(args.context)
             frames = {"i2v": z[:1], "extend": z[: args.prefix], "interp": z[[0, -1]]}[args.task]
@@ -98,6 +100,8 @@ def context_frames(args, cfg):
         if not ok or len(frames) != N or frames.shape[1] < (2 if args.task == "interp" else 1):
             raise ValueError(f"{args.context}: context frames must be (A, {', '.join(map(str, shape))}) or "
                              f"({N}, A, ...), A >= 1 (interp: >= 2)")
+        if not frames.isfinite().all():
+            raise ValueError(f"context file {args.context} holds NaN or inf")
         return frames[:, :1].float() if args.task == "i2v" else frames.float(), None
     if cfg.data != "toy":
         raise ValueError(f"{args.ckpt} is a latent preset: give the context latents with --context FILE")
@@ -129,8 +133,8 @@ def generate_all(model, args, cfg, frames, lengths=None):
     index, A, B = torch.arange(args.num), 0 if frames is None else frames.shape[1], args.batch_size
     if lengths is None:
         jobs = [(rows, cfg.n_start if frames is None else 1) for rows in index.split(B)]
-    else:  # every frame takes exactly `steps` steps (main sets max_reveal_prob = 1)
-        model = fc.full_sequence(model)
+    else:  # every frame takes exactly `steps` steps (main sets max_reveal_prob = 1); no rate to guide
+        model, kwargs["rate_guidance"] = fc.full_sequence(model), 1.0
         jobs = [(rows, n - A) for n in lengths.unique().tolist() for rows in index[lengths == n].split(B)]
     samples = [None] * args.num
     for rows, n_start in tqdm(jobs, desc="sampling", unit="batch"):
@@ -205,8 +209,14 @@ def write_latent_videos(samples, out, args, vae):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if args.num < 1 or args.batch_size < 1:
-            raise ValueError(f"--num and --batch-size must be >= 1, got {args.num} and {args.batch_size}")
+        numbers = {"--num": (args.num, 1, 10**7), "--batch-size": (args.batch_size, 1, 10**6),
+                   "--steps": (args.steps, 1, 10_000), "--max-reveal-prob": (args.max_reveal_prob, 1e-3, 1),
+                   "--rate-guidance": (args.rate_guidance, 0, 100), "--cfg": (args.cfg, 0, 100),
+                   "--gamma": (args.gamma or 1, 0.01, 100), "--decode-timestep": (args.decode_timestep, 0, 1)}
+        for flag, (value, lo, hi) in numbers.items():  # beyond these bounds a run is meaningless or endless
+            if not lo <= value <= hi:
+                raise ValueError(f"{flag} must be in [{lo}, {hi}], got {value}")
+        args.device = fc.get_device(args.device)
         model, cfg, label = load_model(args)
         if cfg.full_sequence and not args.full_sequence:
             print("a full-sequence baseline checkpoint (no rate head trained): sampling with --full-sequence")
@@ -223,8 +233,13 @@ def main(argv=None):
             law = toy_data.sample_toy_videos(args.num, torch.Generator().manual_seed(HELD_OUT + args.seed))[1]
             lengths = source_lengths if source_lengths is not None else law
             lengths = torch.full((args.num,), args.length) if args.length else lengths
+            given = 0 if frames is None else frames.shape[1]  # context frames
+            if (lengths <= given).any() or lengths.max() > args.max_frames:
+                raise ValueError(f"--length must be in [{given + 1}, {args.max_frames}], got {args.length}")
             args.max_reveal_prob = 1.0
         out = args.out or os.path.dirname(args.ckpt) or "."
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise ValueError(f"--out {out} is a file, not a folder")
         os.makedirs(out, exist_ok=True)
         vae = fc.load_vae(args.vae, args.device) if cfg.data != "toy" else None  # fail before sampling
         counted, t0 = FlopCounter(model, cfg), time.time()
@@ -242,7 +257,7 @@ def main(argv=None):
         if cfg.data != "toy":
             torch.save(result, os.path.join(out, "samples.pt"))
             return write_latent_videos(samples, out, args, vae)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     print_histogram(lengths)
     m = toy_data.length_metrics(lengths)

@@ -4,9 +4,12 @@ Statistical tests draw with fixed seeds; each tolerance is derived from the samp
 standard deviations of the statistic) plus, for the sampler, a term proportional to the step size.
 The hypothesis profile is derandomized, so a run is reproducible and cannot flake.
 """
+import datetime
+import fcntl
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -1363,7 +1366,8 @@ def test_encode_a_folder_then_train_on_it(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, _ = _run_cli(train.main, ["--preset", "latent_tiny", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r3")], capsys)
     assert "no latent files" in code
-    code, _ = _run_cli(train.main, ["--preset", "taichi256", "--data", str(latents), "--out", str(tmp_path / "r4")], capsys)
+    code, _ = _run_cli(train.main, ["--preset", "taichi256", "--data", str(latents), "--out", str(tmp_path / "r4"),
+                                    "--device", "cpu"], capsys)
     assert "is 2x2 latents, the preset wants 8x8" in code
 
 
@@ -1402,3 +1406,193 @@ def test_training_flops_are_most_of_the_baselines_not_a_third():
         c = fc.Config(**{**vars(cfg), "full_sequence": full})
         flops.append(train.train_flops(c, train.global_batch(c, c.make_kappa(), gen(0))))
     assert 0.75 < flops[0] / flops[1] < 0.9
+
+
+#################################################################################
+#        Nothing lost: bad numbers, bad files, a second run (issue 13)           #
+#################################################################################
+
+QUICK = ["--steps", "4", "--batch-size", "4", "--dim", "16", "--depth", "1", "--heads", "2", "--log-every", "1",
+         "--ckpt-every", "2"]
+
+
+def _steps(n):
+    return ["--steps", str(n)] + QUICK[2:]
+
+
+def _one_line_error(code, *words):
+    assert code is not None and code.startswith("error: ") and "\n" not in code, code
+    assert all(w in code for w in words), (words, code)
+
+
+def _files(folder):
+    """Every file of a run folder and its bytes (the lock aside)."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"}
+
+
+def _poison(monkeypatch, at_call):
+    """The toy data stream, with one NaN pixel in the batch of its `at_call`-th call from now."""
+    real, calls = toy_data.sample_toy_videos, []
+
+    def poisoned(batch_size, generator=None):
+        videos, lengths = real(batch_size, generator)
+        calls.append(1)
+        if len(calls) == at_call:
+            videos[0, 0, 0, 0, 0] = float("nan")
+        return videos, lengths
+
+    monkeypatch.setattr(toy_data, "sample_toy_videos", poisoned)
+
+
+def test_a_nan_mid_run_stops_at_once_and_the_last_checkpoint_stays(tmp_path, capsys, monkeypatch):
+    train.main(_steps(2) + ["--out", str(tmp_path)])  # a good checkpoint at step 2
+    before = _files(tmp_path)
+    _poison(monkeypatch, at_call=2)  # resumed at step 2: step 3 is fine, step 4 sees the NaN
+    code, _ = _run_cli(train.main, QUICK + ["--out", str(tmp_path), "--resume"], capsys)
+    _one_line_error(code, "step 4: the velocity loss is nan", "stopped")
+    assert _files(tmp_path)["ckpt.pt"] == before["ckpt.pt"]  # no checkpoint of poisoned weights
+    assert [r["step"] for r in _log(tmp_path)] == [1, 2, 3]
+
+
+def test_absurd_or_non_finite_numbers_never_reach_the_weights(tmp_path, capsys):
+    for flag, value, words in (("--lr", "inf", "lr must be > 0 and finite"), ("--lr", "nan", "lr must be"),
+                               ("--rate-weight", "nan", "rate_weight must be"), ("--rate-weight", "inf", "finite"),
+                               ("--tasks", "uncond:nan", "task weights must be"), ("--tasks", "i2v:inf", "finite")):
+        code, _ = _run_cli(train.main, QUICK + [flag, value, "--out", str(tmp_path / "a")], capsys)
+        _one_line_error(code, words)
+    assert not (tmp_path / "a").exists()
+    code, _ = _run_cli(train.main, QUICK + ["--lr", "1e30", "--out", str(tmp_path / "b")], capsys)
+    _one_line_error(code, "step ", "stopped before the weights changed")
+    assert not (tmp_path / "b" / "ckpt.pt").exists()
+
+
+def test_a_second_run_never_destroys_the_first(tmp_path, capsys, monkeypatch):
+    run = QUICK + ["--out", str(tmp_path)]
+    train.main(run)
+    before = _files(tmp_path)
+    code, _ = _run_cli(train.main, run, capsys)  # a new run where a run is: refused, not overwritten
+    _one_line_error(code, "holds a run", "--resume", "another --out")
+    with open(tmp_path / ".lock", "w") as held:  # a live run holds the folder: a second one is refused
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _ = _run_cli(train.main, _steps(6) + ["--out", str(tmp_path), "--resume"], capsys)
+        _one_line_error(code, "another run is using", str(tmp_path))
+    assert _files(tmp_path) == before
+    (tmp_path / "ckpt.pt").unlink()  # a folder with a log and no checkpoint may start over...
+    _poison(monkeypatch, at_call=1)
+    code, _ = _run_cli(train.main, run, capsys)  # ... but a run that dies at step 1 rewrites nothing
+    _one_line_error(code, "step 1:")
+    assert (tmp_path / "log.jsonl").read_bytes() == before["log.jsonl"]
+
+
+def test_resume_survives_a_torn_log_line_and_a_stale_tmp(tmp_path, capsys):
+    train.main(_steps(2) + ["--out", str(tmp_path)])
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "veloc')  # killed while writing step 3's row
+    (tmp_path / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")  # killed while saving
+    train.main(QUICK + ["--out", str(tmp_path), "--resume", "--ckpt-every", "0"])
+    assert [r["step"] for r in _log(tmp_path)] == [1, 2, 3, 4] and not (tmp_path / "ckpt.pt.tmp").exists()
+
+
+def test_checkpoints_are_synced_released_and_never_half_written(tmp_path, capsys, monkeypatch):
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), replace(a, b))[1])
+    train.main(_steps(2) + ["--out", str(tmp_path)])
+    assert events == ["fsync", "replace"]  # on disk before it replaces the last checkpoint
+    maps, real = [], train.global_batch
+    monkeypatch.setattr(train, "global_batch", lambda *a: (maps.append(open("/proc/self/maps").read()), real(*a))[1])
+    before = _files(tmp_path)
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(
+        "[enforce fail at inline_container.cc:778] . unexpected pos 64 vs 0")))  # a full disk
+    code, _ = _run_cli(train.main, QUICK + ["--out", str(tmp_path), "--resume"], capsys)
+    _one_line_error(code, f"cannot write {tmp_path / 'ckpt.pt'}", "unexpected pos", "untouched")
+    assert _files(tmp_path)["ckpt.pt"] == before["ckpt.pt"] and not (tmp_path / "ckpt.pt.tmp").exists()
+    assert len(maps) == 2 and not any(str(tmp_path / "ckpt.pt") in m for m in maps)  # the resumed file is let go
+
+
+def test_checkpoints_of_another_version_or_with_bad_weights_are_named(tmp_path, capsys):
+    train.main(QUICK + ["--out", str(tmp_path)])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    nan_ema = {k: v.clone() for k, v in ckpt["ema"].items()}
+    nan_ema["rate_token"][0] = float("nan")
+    cases = {"newer": ({**ckpt, "config": {**ckpt["config"], "flux": 1}}, "unknown keys ['flux'] and lacks []"),
+             "older": ({**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k != "gamma"}}, "lacks ['gamma']"),
+             "shapes": ({**ckpt, "config": {**ckpt["config"], "dim": 32}}, "model weights do not fit its config"),
+             "nan": ({**ckpt, "ema": nan_ema}, "ema weights hold NaN or inf")}
+    for name, (bad, words) in cases.items():
+        (tmp_path / name).mkdir()
+        torch.save(bad, tmp_path / name / "ckpt.pt")
+        code, _ = _run_cli(sample.main, ["--ckpt", str(tmp_path / name / "ckpt.pt")], capsys)
+        _one_line_error(code, f"checkpoint {tmp_path / name / 'ckpt.pt'}: its", words)
+        code, _ = _run_cli(train.main, QUICK + ["--out", str(tmp_path / name), "--resume"], capsys)
+        _one_line_error(code, words)
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    code, _ = _run_cli(sample.main, ["--ckpt", str(tmp_path / "bad.pt")], capsys)
+    _one_line_error(code, "is not a readable checkpoint (RuntimeError: mmap can only be used")  # why, not what
+
+
+def test_devices_data_and_folders_a_user_names(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for main in (train.main, sample.main):
+        code, _ = _run_cli(main, ["--device", "cuda", "--out", str(tmp_path / "x")], capsys)
+        _one_line_error(code, "--device cuda: this torch", "sees no CUDA GPU")
+        code, _ = _run_cli(main, ["--device", "gpu0", "--out", str(tmp_path / "x")], capsys)
+        _one_line_error(code, "unknown device 'gpu0'")
+        (tmp_path / "file").write_text("")
+        code, _ = _run_cli(main, ["--out", str(tmp_path / "file")], capsys)
+        _one_line_error(code, "is a file, not a folder") if main is train.main else None
+    code, _ = _run_cli(train.main, ["--preset", "taichi256", "--data", "synthetic", "--out", str(tmp_path / "t")], capsys)
+    _one_line_error(code, "taichi256 on a CPU", "--device cpu")
+    code, _ = _run_cli(train.main, ["--preset", "latent_tiny", "--data", "toy", "--out", str(tmp_path / "l")], capsys)
+    _one_line_error(code, "--data toy has frames of (3, 1, 3)", "wants (128, 2, 2)")
+    assert not any((tmp_path / d).exists() for d in "xtl")
+
+
+def test_sampling_flags_and_context_files(tmp_path, capsys):
+    train.main(QUICK + ["--tasks", "uncond:1,i2v:1", "--out", str(tmp_path)])
+    ckpt = ["--ckpt", str(tmp_path / "ckpt.pt"), "--num", "4"]
+    for flags, words in ((["--cfg", "inf"], "--cfg must be in [0, 100], got inf"),
+                         (["--rate-guidance", "nan"], "--rate-guidance must be in"),
+                         (["--steps", "1000000"], "--steps must be in [1, 10000]"),
+                         (["--max-reveal-prob", "1e-9"], "--max-reveal-prob must be in [0.001, 1]"),
+                         (["--out", str(tmp_path / "ckpt.pt")], "is a file, not a folder")):
+        code, _ = _run_cli(sample.main, ckpt + flags, capsys)
+        _one_line_error(code, words)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    torch.save(torch.full((1, 3, 1, 3), float("nan")), tmp_path / "nan.pt")
+    for name, words in (("junk.pt", "is not readable (error: unpack requires"), ("nan.pt", "holds NaN or inf")):
+        code, _ = _run_cli(sample.main, ckpt + ["--task", "i2v", "--context", str(tmp_path / name)], capsys)
+        _one_line_error(code, f"context file {tmp_path / name}", words)
+
+
+def test_a_user_error_under_torchrun_is_one_line_once_and_every_rank_fails(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *QUICK, "--lr", "inf", "--out", str(tmp_path), "--device", "cpu"]
+    done = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert done.returncode != 0 and (done.stdout + done.stderr).count("error: lr must be > 0 and finite") == 1
+
+
+def test_the_process_group_waits_timeout_minutes(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, **kw: seen.update(kw))
+    monkeypatch.setattr(train.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(train, "world_size", 2)
+    train.setup_distributed(torch.device("cpu"), timeout=3)
+    assert seen["timeout"] == datetime.timedelta(minutes=3)
+    assert train.parse_args([]).timeout == 10  # the default: minutes, not an hour
+
+
+def test_encoding_nothing_is_an_error_and_a_nan_latent_is_named(tmp_path, capsys):
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "broken.mp4").write_bytes(b"\x00" * 100)
+    vae = tmp_path / "vae"
+    _tiny_vae().save_pretrained(vae)
+    code, out = _run_cli(train.main, ["--encode-videos", str(tmp_path / "videos"), "--out", str(tmp_path / "z"),
+                                      "--vae", str(vae), "--device", "cpu"], capsys)
+    _one_line_error(code, "none of the 1 videos", "could be encoded")
+    assert "broken.mp4 cannot be decoded" in out
+    fc.save_latents(str(tmp_path / "nan.pt"), torch.full((3, 128, 2, 2), float("nan")), fps=16)
+    with pytest.raises(ValueError, match=f"latent file {tmp_path / 'nan.pt'} holds NaN or inf"):
+        fc.load_latents(str(tmp_path / "nan.pt"))
+

@@ -18,6 +18,8 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import fcntl
+import gc
 import glob
 import json
 import math
@@ -47,7 +49,9 @@ def parse_args(argv=None):
     arg("--preset", choices=fc.PRESETS, default="toy", help="model, data and schedule")
     arg("--out", help="run folder (default out/<preset>)")
     arg("--resume", action="store_true", help="continue from <out>/ckpt.pt")
-    arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    arg("--device", help="cpu, cuda, cuda:1... (default: cuda when there is a GPU)")
+    arg("--timeout", type=float, default=10, help="minutes a process waits for the others before a stalled "
+        "run stops (rank 0 writing a 26 GB checkpoint must fit)")
     arg("--data", help="toy: the 3-pixel videos; synthetic: random full-length clips of the preset's shape "
         "(speed and memory); else a folder of latent files")
     arg("--encode-videos", metavar="DIR", help="instead: encode the videos of DIR into latent files in --out")
@@ -79,7 +83,7 @@ def parse_args(argv=None):
     arg("--tasks", help=f"task mix, e.g. 'uncond:2,i2v:1' (tasks: {', '.join(fc.TASKS)})")
     arg("--cond-dropout", type=float, help="P(a video's context is dropped), for guidance")
     arg("--full-sequence", action="store_true", default=None, help="train the full-sequence baseline")
-    arg("--gamma", type=float, help="per-frame time t = tau^gamma (Appendix E); sample with the same")
+    arg("--gamma", type=float, help="per-frame time t = clip(tau, 0, 1)^gamma (Appendix E); sample with it")
     arg("--log-every", type=int, help="steps between log lines")
     arg("--ckpt-every", type=int, help="steps between checkpoints (0: none)")
     return p.parse_args(argv)
@@ -99,18 +103,15 @@ def make_config(args, base=None):
     return cfg
 
 
-def setup_distributed(device, fsdp=False):
-    """Rank, world size and device from torchrun's environment; a process group when there are several
-    processes, or for FSDP2 (which needs one even alone)."""
-    global rank, world_size
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(device)
+def setup_distributed(device, fsdp=False, timeout=10):
+    """The device of this process (torchrun's LOCAL_RANK on CUDA), and a process group when there are
+    several processes (one waits `timeout` minutes for the others), or for FSDP2 (it needs one even alone)."""
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if world_size > 1 and not dist.is_initialized():  # long timeout: rank 0 may be writing a 26 GB checkpoint
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout))
     elif fsdp and not dist.is_initialized():
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return device
@@ -156,15 +157,54 @@ def save_checkpoint(path, model, ema, opt, step, cfg, preset, data_rng):
     ckpt = {name: dcp.get_model_state_dict(m, options=FULL) for name, m in (("model", model), ("ema", ema))}
     ckpt |= {"optimizer": dcp.get_optimizer_state_dict(model, opt, options=FULL), "step": step,
              "config": dataclasses.asdict(cfg), "preset": preset, "data_rng": data_rng.get_state()}
-    if rank == 0:
-        torch.save(ckpt, path + ".tmp")
-        os.replace(path + ".tmp", path)
+    if rank == 0:  # on disk before the rename; a failed write leaves the last checkpoint as it was
+        try:
+            with open(path + ".tmp", "wb") as f:
+                torch.save(ckpt, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(path + ".tmp", path)
+        except (OSError, RuntimeError) as e:  # a full disk: OSError, or torch.save's "unexpected pos"
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+            raise ValueError(f"cannot write {path} ({fc.why(e)}); the last checkpoint is untouched") from None
+
+
+def claim_folder(out, resume):
+    """Rank 0 makes sure this run destroys nothing: a lock refuses a second live run on the folder (the OS
+    releases it however this process ends), a new run never starts where a checkpoint is, and a stale
+    ckpt.pt.tmp of a killed run goes. Returns the lock; closing it releases the folder."""
+    os.makedirs(out, exist_ok=True)
+    lock = open(os.path.join(out, ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise ValueError(f"another run is using {out} (it holds {os.path.join(out, '.lock')})") from None
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    if not resume and os.path.exists(ckpt_path):
+        raise ValueError(f"{out} holds a run: continue it with --resume, or start over with another --out "
+                         f"(or delete {ckpt_path})")
+    if os.path.exists(ckpt_path + ".tmp"):
+        os.remove(ckpt_path + ".tmp")
+    return lock
+
+
+def log_rows(path, last):
+    """The rows of a run's log.jsonl up to step `last`, which a resumed run keeps; a line torn by a kill
+    is dropped."""
+    rows = []
+    for line in open(path) if os.path.exists(path) else []:
+        try:
+            rows += [line if line.endswith("\n") else line + "\n"] if json.loads(line)["step"] <= last else []
+        except (ValueError, KeyError, TypeError):
+            pass
+    return rows
 
 
 def encode_videos(src, out, vae_name, device, max_frames):
     """Every *.mp4 of src -> one latent file per clip in out, cut to the preset's max_frames latent frames
     (1 + 8 (max_frames - 1) video frames); a video that cannot be used is named and skipped."""
-    if world_size > 1 or int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if world_size > 1:
         raise ValueError("--encode-videos runs in one process (not under torchrun)")
     videos = sorted(glob.glob(os.path.join(src, "**", "*.mp4"), recursive=True))
     if not videos:
@@ -184,6 +224,8 @@ def encode_videos(src, out, vae_name, device, max_frames):
             continue
         name = os.path.splitext(os.path.relpath(path, src))[0].replace(os.sep, "__")
         fc.save_latents(os.path.join(out, name + ".pt"), z, fps)
+    if failed == len(videos):
+        raise ValueError(f"none of the {failed} videos in {src} could be encoded (reasons above)")
     print(f"encoded {len(videos) - failed} of {len(videos)} videos into {out} ({failed} skipped)")
 
 
@@ -289,22 +331,33 @@ def peak_tflops(args, device):
 def train(args):
     out = args.out or os.path.join("out", args.preset)
     ckpt_path = os.path.join(out, "ckpt.pt")
-    ckpt = fc.load_checkpoint(ckpt_path) if args.resume else None
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a folder")
+    ckpt, base = fc.load_checkpoint(ckpt_path) if args.resume else (None, None)
     if ckpt is not None and ckpt["preset"] != args.preset:
         raise ValueError(f"checkpoint {ckpt_path} is of preset {ckpt['preset']!r}, not {args.preset!r}")
-    cfg = make_config(args, base=fc.Config.from_dict(ckpt["config"]) if ckpt else None)
-    device = setup_distributed(args.device, cfg.fsdp)
-    if cfg.attention == "flex" and device.type != "cuda":
-        raise ValueError("--attention flex needs CUDA: FlexAttention has no CPU backward in this torch")
+    if ckpt is not None and not {"optimizer", "data_rng"} <= set(ckpt):
+        raise ValueError(f"checkpoint {ckpt_path} holds no optimizer or data state to resume from")
+    cfg = make_config(args, base)
     if cfg.data == "latents":
         raise ValueError(f"preset {args.preset!r} trains on LTX latents: pass --data DIR (a folder of latent "
                          "files, see --encode-videos), or --data synthetic to measure speed and memory")
+    device = fc.get_device(args.device)
+    if args.device is None and device.type == "cpu" and args.preset == "taichi256":
+        raise ValueError("taichi256 on a CPU takes hours per step: pass --device cpu if you mean it")
+    if cfg.attention == "flex" and device.type != "cuda":
+        raise ValueError("--attention flex needs CUDA: FlexAttention has no CPU backward in this torch")
+    if cfg.data == "toy" and (cfg.channels, cfg.height, cfg.width) != toy_data.FRAME_SHAPE:
+        raise ValueError(f"--data toy has frames of {toy_data.FRAME_SHAPE}, preset {args.preset} wants "
+                         f"{(cfg.channels, cfg.height, cfg.width)}")
     if cfg.batch_size % (world_size * cfg.grad_accum):
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of processes x grad_accum = "
                          f"{world_size * cfg.grad_accum}")
+    lock = claim_folder(out, args.resume) if rank == 0 else None  # noqa: F841 (held until train returns)
     dataset = fc.LatentFolder(cfg.data, cfg) if cfg.data not in ("toy", "synthetic") else None
     if dataset is not None:
         print0(f"{len(dataset.clips)} latent clips in {cfg.data}")
+    device = setup_distributed(device, cfg.fsdp, args.timeout)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     data_rng = torch.Generator().manual_seed(cfg.seed)  # the same global batches on every process
     with torch.device(device):  # initialise in place: seconds instead of minutes for taichi256 on a GPU
@@ -318,24 +371,22 @@ def train(args):
         shard(ema, device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     kappa = cfg.make_kappa()
-    start = 0
+    start, log_path = 0, os.path.join(out, "log.jsonl")  # one JSON line per step
     if ckpt is not None:
         load = dcp.StateDictOptions(full_state_dict=True)
         dcp.set_model_state_dict(model, ckpt["model"], options=load)
         dcp.set_model_state_dict(ema, ckpt["ema"], options=load)
         dcp.set_optimizer_state_dict(model, opt, ckpt["optimizer"], options=load)
+        for state in opt.state.values():  # on the CPU it would keep the file's memory-mapped tensors
+            state.update({k: v.clone() for k, v in state.items() if torch.is_tensor(v)})
         data_rng.set_state(ckpt["data_rng"])
-        start = ckpt["step"]
+        start, ckpt = ckpt["step"], None  # let go of the memory-mapped file, so that a later save frees it,
+        gc.collect()  # and of the reference cycle that dcp leaves around its tensors
         print0(f"resumed from {ckpt_path} at step {start}")
+    kept = log_rows(log_path, start) if args.resume else []  # the log is rewritten once a step is done
     net = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 and not cfg.fsdp else model
     bf16 = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    os.makedirs(out, exist_ok=True)
-    log_path = os.path.join(out, "log.jsonl")  # one JSON line per step
-    if rank == 0 and os.path.exists(log_path):  # a fresh run starts a new log; a resumed one drops later rows
-        rows = [line for line in open(log_path) if ckpt is not None and json.loads(line)["step"] <= start]
-        with open(log_path, "w") as f:
-            f.writelines(rows)
     n_params = sum(p.numel() for p in model.parameters())
     parallel = "FSDP2" if cfg.fsdp else "DDP" if world_size > 1 else "one process"
     print0(f"preset {args.preset}: {n_params / 1e6:.2f}M parameters, {cfg.steps} steps of {cfg.batch_size} "
@@ -343,16 +394,21 @@ def train(args):
            f"{', activation checkpointing' if cfg.checkpointing else ''})")
     peak = peak_tflops(args, device)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0, dynamic_ncols=True)
-    t_log, sums, flops, n_logged = time.time(), torch.zeros(2, dtype=torch.float64), 0.0, 0
+    t_log, sums, flops, n_logged = time.time(), torch.zeros(3, dtype=torch.float64), 0.0, 0
     for step in bar:
         # 1. the global batch: clean videos, tasks, the training state, noised and stripped (Algorithm 2)
         batch = global_batch(cfg, kappa, data_rng, dataset)
         # 2. this process's share of the losses and gradients (Eqs. 11, 12)
         opt.zero_grad(set_to_none=True)
         losses = forward_backward(net, model, batch, cfg, kappa, device, autocast)
-        # 3. clip, schedule, step, EMA (warmed up: the early EMA is not the init)
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        # 3. clip; stop on a NaN or inf before it reaches the weights; schedule, step, EMA (warmed up)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+        losses = torch.cat([losses, norm.double().cpu()[None]])
+        for name, value in zip(("velocity loss", "rate loss", "gradient norm"), losses.tolist()):
+            if not math.isfinite(value):
+                raise ValueError(f"step {step + 1}: the {name} is {value}; stopped before the weights "
+                                 "changed (the last checkpoint, if any, is untouched)")
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -361,18 +417,21 @@ def train(args):
         # 4. log and checkpoint
         sums, flops, n_logged, done = sums + losses, flops + train_flops(cfg, batch), n_logged + 1, step + 1
         if rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": done, "velocity": losses[0].item(), "rate": losses[1].item(),
-                                    "lr": lr}) + "\n")
+            row = {"step": done, "velocity": losses[0].item(), "rate": losses[1].item(),
+                   "grad_norm": losses[2].item(), "lr": lr}
+            with open(log_path, "a" if done > start + 1 else "w") as f:
+                f.writelines((kept if done == start + 1 else []) + [json.dumps(row) + "\n"])
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
             seconds = time.time() - t_log
             tflops = flops / seconds / 1e12
-            line = (f"step {done:6d} | velocity {sums[0] / n_logged:.4f} | rate {sums[1] / n_logged:.4f} | "
-                    f"lr {lr:.2e} | {n_logged * cfg.batch_size / seconds:.1f} videos/s, {tflops:.3g} TFLOP/s")
+            velocity, rate, grad_norm = (sums / n_logged).tolist()
+            videos = n_logged * cfg.batch_size / seconds
+            line = (f"step {done:6d} | velocity {velocity:.4f} | rate {rate:.4f} | grad norm {grad_norm:.3f}"
+                    f" | lr {lr:.2e} | {videos:.1f} videos/s, {tflops:.3g} TFLOP/s")
             line += f", MFU {tflops / peak / world_size:.1%}" if peak else ""
             memory = torch.cuda.max_memory_allocated(device) / 2**30 if bf16 else 0
             bar.write(line + (f" | {memory:.1f} GiB" if bf16 else ""))
-            t_log, sums, flops, n_logged = time.time(), torch.zeros(2, dtype=torch.float64), 0.0, 0
+            t_log, sums, flops, n_logged = time.time(), torch.zeros(3, dtype=torch.float64), 0.0, 0
         if cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == cfg.steps):
             save_checkpoint(ckpt_path, model, ema, opt, done, cfg, args.preset, data_rng)
     print0(f"saved {ckpt_path}; sample it with: python sample.py --ckpt {ckpt_path}" if cfg.ckpt_every
@@ -384,14 +443,16 @@ def train(args):
 
 
 def main(argv=None):
+    global rank, world_size
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
     args = parse_args(argv)
     try:
         if args.encode_videos:
-            return encode_videos(args.encode_videos, args.out or "data/latents", args.vae, args.device,
-                                 fc.PRESETS[args.preset].max_frames)
+            return encode_videos(args.encode_videos, args.out or "data/latents", args.vae,
+                                 fc.get_device(args.device), fc.PRESETS[args.preset].max_frames)
         train(args)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, OSError) as e:  # a user's error: one line, once (rank 0); every process exits 1
+        sys.exit(f"error: {e}" if rank == 0 else 1)
 
 
 if __name__ == "__main__":
