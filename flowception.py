@@ -16,9 +16,11 @@ extended time (Section 3.3): frame i has an insertion time s_i = kappa^-1(U(0, 1
 rates    the model predicts log lam_j for every visible frame j: lam_j estimates K_j, the number of
          frames still pending between j and the next visible frame (Corollary B.3).
 """
+import collections
 import fractions
 import functools
-import glob
+import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass, fields, replace
@@ -873,21 +875,28 @@ def why(e):
 LTX_TEMPORAL, LTX_SPATIAL = 8, 32
 
 
-def save_latents(path, z, fps):
+def save_latents(path, z, fps, vae=None):
     """Normalised latents (F, C, h, w) -> LTX-Video-Trainer's file, written atomically: a dict with the
-    latents packed as (F h w, C) tokens in (frame, row, column) order."""
+    latents packed as (F h w, C) tokens in (frame, row, column) order, the fps, and which VAE made them
+    (vae_identity), without which they cannot be decoded right."""
     F, _, h, w = z.shape
     d = {"latents": rearrange(z.cpu(), "f c h w -> (f h w) c"), "num_frames": F, "height": h, "width": w}
-    torch.save({**d, "fps": float(fps)}, path + ".tmp")
+    torch.save({**d, "fps": float(fps), **(vae or {})}, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
 def load_latents(path, channels=None, size=None):
-    """One latent file (ours or LTX-Video-Trainer's) -> (F, C, h, w); a one-line error naming the file."""
+    """One latent file -> (F, C, h, w) and its {fps, vae, vae_fingerprint} (None where the file does not
+    say); a one-line error naming the file. Ours and LTX-Video-Trainer's hold packed (F h w, C) latents,
+    LTX-2's trainer (C, F, h, w)."""
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
-        F, h, w = (int(torch.as_tensor(d[k]).flatten()[0]) for k in ("num_frames", "height", "width"))
-        z = rearrange(d["latents"].float(), "(f h w) c -> f c h w", f=F, h=h, w=w)
+        z = d["latents"].float()
+        if z.ndim == 2:  # packed (F h w, C)
+            F, h, w = (int(torch.as_tensor(d[k]).flatten()[0]) for k in ("num_frames", "height", "width"))
+            z = rearrange(z, "(f h w) c -> f c h w", f=F, h=h, w=w)
+        else:  # (C, F, h, w)
+            z = z.permute(1, 0, 2, 3)
     except Exception as e:  # unreadable, not a dict, missing keys, inconsistent shapes
         raise ValueError(f"latent file {path} is not readable ({why(e)})") from None
     if channels is not None and z.shape[1] != channels:
@@ -897,33 +906,39 @@ def load_latents(path, channels=None, size=None):
                          f"{size[0]}x{size[1]}")
     if not z.isfinite().all():
         raise ValueError(f"latent file {path} holds NaN or inf")
-    return z
+    return z, {k: d.get(k) for k in ("fps", "vae", "vae_fingerprint")}
 
 
 class LatentFolder:
-    """Every latent file of a folder (*.pt, recursively), checked and held in memory: Tai-Chi-HD at
-    256 px is 3,049 clips of at most 19 x 128 x 8 x 8 latents, about 0.5 GB."""
+    """Every latent file of a folder (*.pt, recursively, hidden folders such as the trainers'
+    .precomputed/latents too), checked and held in memory: Tai-Chi-HD at 256 px is 3,049 clips of at
+    most 19 x 128 x 8 x 8 latents, about 0.5 GB. `info`: the fps and the VAE, for the checkpoint."""
 
     def __init__(self, folder, cfg):
-        files = sorted(glob.glob(os.path.join(folder, "**", "*.pt"), recursive=True))
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.endswith(".pt"))
         if not files:
             raise ValueError(f"no latent files (*.pt) in {folder} (encode videos: train.py --encode-videos)")
         shape, shortest = (cfg.height, cfg.width), cfg.n_start + 2
         clips = [load_latents(f, cfg.channels, shape) for f in tqdm(files, disable=len(files) < 100)]
-        self.clips = [z[: cfg.max_frames] for z in clips if len(z) >= shortest]
-        if len(self.clips) < len(clips):
-            print(f"{folder}: skipped {len(clips) - len(self.clips)} clips shorter than {shortest} frames")
+        vaes = {(i["vae"], i["vae_fingerprint"]) for _, i in clips}
+        if len(vaes) > 1:
+            raise ValueError(f"the latents in {folder} come from {len(vaes)} VAEs: {sorted(map(str, vaes))}")
+        fps = collections.Counter(i["fps"] for _, i in clips if i["fps"]).most_common(1)
+        self.info = dict(zip(("vae", "vae_fingerprint"), vaes.pop()), fps=fps[0][0] if fps else None)
+        self.clips = [z[: cfg.max_frames] for z, _ in clips if len(z) >= shortest]
         if not self.clips:
             raise ValueError(f"no clip in {folder} has {shortest} latent frames or more")
+        lengths = collections.Counter(len(z) for z in self.clips)
+        print(f"{folder}: {len(self.clips)} clips ({len(clips) - len(self.clips)} shorter than {shortest} "
+              f"frames skipped); clips per latent length: {dict(sorted(lengths.items()))}")
+        if len(lengths) == 1:
+            print(f"warning: every clip has {len(self.clips[0])} latent frames, the only length the model "
+                  "will learn (a trainer cache cuts clips to its bucket's length: encode the videos instead)")
 
     def batch(self, index):
         """-> videos (B, F, C, h, w) zero-padded, lengths (B,)."""
         clips = [self.clips[i] for i in index.tolist()]
-        lengths = torch.tensor([len(c) for c in clips])
-        out = torch.zeros(len(clips), int(lengths.max()), *clips[0].shape[1:])
-        for b, c in enumerate(clips):
-            out[b, : len(c)] = c
-        return out, lengths
+        return nn.utils.rnn.pad_sequence(clips, batch_first=True), torch.tensor([len(c) for c in clips])
 
 
 def load_vae(name_or_path, device="cpu", dtype=torch.float32):
@@ -942,6 +957,17 @@ def load_vae(name_or_path, device="cpu", dtype=torch.float32):
     return vae.to(device).eval()
 
 
+def vae_identity(vae, name):
+    """{vae: the hub id or folder it was loaded from, vae_fingerprint: a hash of its config and latent
+    statistics}. Latents decode right only through a VAE of the same fingerprint: 0.9.0, 0.9.1 and 0.9.5
+    differ (the config cannot tell 0.9.5 from 0.9.7, their statistics can)."""
+    config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
+    config = json.dumps(config, sort_keys=True, default=str)
+    stats = torch.cat([vae.latents_mean, vae.latents_std]).double().cpu().numpy().tobytes()
+    name = os.path.abspath(name) if os.path.isdir(name) else name  # a folder: from wherever sample.py runs
+    return {"vae": name, "vae_fingerprint": hashlib.sha256(config.encode() + stats).hexdigest()[:16]}
+
+
 def vae_frames(n):
     """The number of video frames the VAE takes from a clip of n: the largest 1 + 8k <= n."""
     return 1 + (n - 1) // LTX_TEMPORAL * LTX_TEMPORAL
@@ -949,28 +975,24 @@ def vae_frames(n):
 
 @torch.no_grad()
 def encode_video(vae, pixels):
-    """pixels (F, 3, H, W) in [-1, 1] -> normalised latents (1 + (F - 1) // 8, 128, H / 32, W / 32).
-
-    Clips are cut to 1 + 8k frames, never padded. Normalised per channel as diffusers' LTX pipelines
-    do: (z - latents_mean) * scaling_factor / latents_std.
-    """
-    F, _, H, W = pixels.shape
-    if H % LTX_SPATIAL or W % LTX_SPATIAL:
-        raise ValueError(f"frame size {H}x{W} is not a multiple of {LTX_SPATIAL}")
+    """pixels (F, 3, H, W) in [-1, 1], sides multiples of 32 -> normalised latents (1 + (F - 1) // 8, 128,
+    H / 32, W / 32). Clips are cut to 1 + 8k frames, never padded. Normalised per channel as diffusers'
+    LTX pipelines do: (z - latents_mean) * scaling_factor / latents_std, from the mean of the posterior."""
+    assert pixels.shape[2] % LTX_SPATIAL == 0 and pixels.shape[3] % LTX_SPATIAL == 0, pixels.shape
     p = next(vae.parameters())
-    x = pixels[: vae_frames(F)].to(p.device, p.dtype).permute(1, 0, 2, 3)[None]  # (1, 3, F', H, W)
+    x = pixels[: vae_frames(len(pixels))].to(p.device, p.dtype).permute(1, 0, 2, 3)[None]  # (1, 3, F', H, W)
     z = vae.encode(x).latent_dist.mode()[0]  # (C, f, h, w)
     mean, std = vae.latents_mean.view(-1, 1, 1, 1), vae.latents_std.view(-1, 1, 1, 1)
     return ((z - mean) * vae.config.scaling_factor / std).permute(1, 0, 2, 3).float().cpu()  # (f, C, h, w)
 
 
 @torch.no_grad()
-def decode_latents(vae, z, decode_timestep=0.0, decode_noise_scale=None, generator=None):
+def decode_latents(vae, z, decode_timestep=None, decode_noise_scale=None, generator=None):
     """Normalised latents (f, C, h, w) of ONE clip -> pixels (1 + 8 (f - 1), 3, 32 h, 32 w) in [-1, 1].
 
     One clip at a time: the VAE's temporal convolutions would mix padding into a batch. A VAE with
-    timestep_conditioning (0.9.1 and later) decodes at decode_timestep after mixing in that much noise
-    (decode_noise_scale, default the timestep), as diffusers' LTX pipelines do.
+    timestep_conditioning (0.9.1 and later) decodes at decode_timestep after mixing in that much noise,
+    as diffusers' LTX pipelines do; None: 0.05 and 0.025, what diffusers' LTX docs recommend for it.
     """
     p = next(vae.parameters())
     mean, std = vae.latents_mean.view(-1, 1, 1, 1), vae.latents_std.view(-1, 1, 1, 1)
@@ -978,9 +1000,10 @@ def decode_latents(vae, z, decode_timestep=0.0, decode_noise_scale=None, generat
     z = z * std / vae.config.scaling_factor + mean
     temb = None
     if vae.config.timestep_conditioning:
-        s = decode_timestep if decode_noise_scale is None else decode_noise_scale
+        t = 0.05 if decode_timestep is None else decode_timestep
+        s = (0.025 if decode_timestep is None else t) if decode_noise_scale is None else decode_noise_scale
         z = (1 - s) * z + s * torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-        temb = torch.tensor([decode_timestep], device=z.device, dtype=z.dtype)
+        temb = torch.tensor([t], device=z.device, dtype=z.dtype)
     return vae.decode(z, temb).sample[0].permute(1, 0, 2, 3).float().clamp(-1, 1).cpu()  # (F, 3, H, W)
 
 
@@ -992,19 +1015,34 @@ def _import_av():
     return av
 
 
-def read_video(path):
-    """A video file (any format ffmpeg reads) -> frames (F, 3, H, W) uint8 and its fps."""
-    av = _import_av()
+VIDEO_FILES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")
+
+
+def read_video(path, size=None, max_frames=None):
+    """A video file (any ffmpeg reads) -> its first max_frames frames (F, 3, H, W) uint8, decoded no further,
+    and its fps. size (H, W): every frame scaled (bicubic, antialiased) to cover H x W, then centre-cropped,
+    as the LTX trainers prepare their clips."""
+    av, frames = _import_av(), []
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
-            frames = [torch.from_numpy(f.to_ndarray(format="rgb24")) for f in container.decode(stream)]
-            fps = float(stream.average_rate or 16)
+            for f in container.decode(stream):
+                frame = torch.from_numpy(f.to_ndarray(format="rgb24")).permute(2, 0, 1)  # (3, h, w)
+                if size is not None:
+                    scale = max(size[0] / frame.shape[1], size[1] / frame.shape[2])
+                    cover = [max(n, round(m * scale)) for n, m in zip(size, frame.shape[1:])]
+                    frame = nnf.interpolate(frame[None].float(), cover, mode="bicubic", antialias=True)[0]
+                    top, left = (cover[0] - size[0]) // 2, (cover[1] - size[1]) // 2
+                    frame = frame[:, top: top + size[0], left: left + size[1]].clamp(0, 255).round().byte()
+                frames.append(frame)
+                if len(frames) == max_frames:
+                    break
+            fps = float(stream.average_rate or stream.guessed_rate or 24)
     except Exception as e:
         raise ValueError(f"video {path} cannot be decoded ({why(e)})") from None
     if not frames:
         raise ValueError(f"video {path} has no frames")
-    return torch.stack(frames).permute(0, 3, 1, 2), fps
+    return torch.stack(frames), fps
 
 
 def write_video(path, frames, fps):
@@ -1017,6 +1055,18 @@ def write_video(path, frames, fps):
         for frame in frames.permute(0, 2, 3, 1).contiguous().numpy():
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
+
+
+def pyplot():
+    """matplotlib.pyplot (drawing to files), or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print("matplotlib is not installed: no PNGs (pip install matplotlib)")
+    return plt
 
 
 #################################################################################

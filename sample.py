@@ -49,10 +49,10 @@ def parse_args(argv=None):
     arg("--full-sequence", action="store_true", help="the baseline: every frame a start frame, at the data's "
         "lengths (or --length), exactly --steps steps each; automatic for a baseline checkpoint")
     arg("--length", type=int, help="the baseline's length (default: the data law, or the context's video)")
-    arg("--vae", default="Lightricks/LTX-Video", help="latent presets: the LTX VAE that decodes to mp4")
-    arg("--fps", type=float, default=16.0, help="latent presets: frame rate of the mp4s")
-    arg("--decode-timestep", type=float, default=0.0, help="latent presets: timestep-conditioned VAEs decode "
-        "at this timestep")
+    arg("--vae", help="latent presets: the LTX VAE that decodes to mp4 (default: the latents' own)")
+    arg("--fps", type=float, help="latent presets: frame rate of the mp4s (default: the training clips')")
+    arg("--decode-timestep", type=float, help="latent presets: the decode timestep of a timestep-conditioned "
+        "VAE (default 0.05, noise 0.025)")
     arg("--decode-noise-scale", type=float, help="latent presets: noise mixed in (default: the timestep)")
     arg("--raw", action="store_true", help="sample the raw weights instead of the EMA")
     arg("--seed", type=int, default=0, help="sampling seed")
@@ -72,6 +72,7 @@ def load_model(args):
         raise ValueError(f"guidance needs a model trained with conditioning dropout: {args.ckpt} has none")
     model = fc.build_model(cfg)
     model.load_state_dict(ckpt["model" if args.raw else "ema"])
+    args.data_info = ckpt.get("data") or {}  # the latents' VAE and fps
     return model.to(args.device).eval(), cfg, f"{ckpt['preset']} step {ckpt['step']}"
 
 
@@ -161,13 +162,8 @@ def print_histogram(lengths, width=50):
 
 
 def save_pictures(samples, lengths, out, label):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return print("matplotlib is not installed: no PNGs (pip install matplotlib)")
+    if (plt := fc.pyplot()) is None:
+        return
     P, hi = toy_data.length_probs(), max(int(lengths.max()), max(toy_data.LENGTHS))
     fig, ax = plt.subplots(figsize=(7, 3))  # Figure 10: the length histogram, generated vs data
     ax.bar(range(hi + 1), torch.bincount(lengths, minlength=hi + 1) / len(lengths), label=label)
@@ -196,6 +192,22 @@ def save_pictures(samples, lengths, out, label):
     print(f"wrote {os.path.join(out, 'lengths.png')} and {os.path.join(out, 'videos.png')}")
 
 
+def latent_vae(args):
+    """The VAE that decodes a latent preset's samples: the one its training latents came from (or --vae,
+    which must be the same VAE: the same fingerprint), and the fps of its training clips (or --fps)."""
+    info = args.data_info
+    name = args.vae or info.get("vae")
+    if name is None:
+        raise ValueError(f"{args.ckpt} does not say which VAE made its latents: pass --vae")
+    vae = fc.load_vae(name, args.device)
+    fingerprint = fc.vae_identity(vae, name)["vae_fingerprint"]
+    if info.get("vae_fingerprint") not in (None, fingerprint):
+        raise ValueError(f"VAE {name} ({fingerprint}) is not the VAE that made the training latents, "
+                         f"{info['vae']} ({info['vae_fingerprint']}): its latents would decode wrong")
+    args.fps = args.fps or info.get("fps") or 24.0
+    return vae
+
+
 def write_latent_videos(samples, out, args, vae):
     """Latent presets: decode every sample through the LTX VAE, one clip at a time, into an mp4."""
     os.makedirs(os.path.join(out, "videos"), exist_ok=True)
@@ -203,7 +215,7 @@ def write_latent_videos(samples, out, args, vae):
         pixels = fc.decode_latents(vae, s.frames, args.decode_timestep, args.decode_noise_scale)
         pixels = ((pixels + 1) * 127.5).round().to(torch.uint8)
         fc.write_video(os.path.join(out, "videos", f"sample_{i:04d}.mp4"), pixels, args.fps)
-    print(f"wrote {len(samples)} mp4s to {os.path.join(out, 'videos')}")
+    print(f"wrote {len(samples)} mp4s at {args.fps:g} fps to {os.path.join(out, 'videos')}")
 
 
 def main(argv=None):
@@ -212,7 +224,8 @@ def main(argv=None):
         numbers = {"--num": (args.num, 1, 10**7), "--batch-size": (args.batch_size, 1, 10**6),
                    "--steps": (args.steps, 1, 10_000), "--max-reveal-prob": (args.max_reveal_prob, 1e-3, 1),
                    "--rate-guidance": (args.rate_guidance, 0, 100), "--cfg": (args.cfg, 0, 100),
-                   "--gamma": (args.gamma or 1, 0.01, 100), "--decode-timestep": (args.decode_timestep, 0, 1)}
+                   "--gamma": (args.gamma or 1, 0.01, 100), "--fps": (args.fps or 1, 0.1, 1000),
+                   "--decode-timestep": (args.decode_timestep or 0, 0, 1)}
         for flag, (value, lo, hi) in numbers.items():  # beyond these bounds a run is meaningless or endless
             if not lo <= value <= hi:
                 raise ValueError(f"{flag} must be in [{lo}, {hi}], got {value}")
@@ -241,7 +254,7 @@ def main(argv=None):
         if os.path.exists(out) and not os.path.isdir(out):
             raise ValueError(f"--out {out} is a file, not a folder")
         os.makedirs(out, exist_ok=True)
-        vae = fc.load_vae(args.vae, args.device) if cfg.data != "toy" else None  # fail before sampling
+        vae = latent_vae(args) if cfg.data != "toy" else None  # fail before sampling
         counted, t0 = FlopCounter(model, cfg), time.time()
         samples = generate_all(counted, args, cfg, frames, lengths)
         lengths = torch.tensor([len(s.frames) for s in samples])

@@ -1267,38 +1267,57 @@ def test_short_task_training_gives_i2v_interp_and_a_baseline(tmp_path, capsys):
 #################################################################################
 
 
-def _tiny_vae(seed=0):
-    """A randomly initialised LTX VAE small enough for CPU tests (17 frames of 64x64 in about 0.1 s),
-    with per-channel statistics that are not the identity, so normalisation shows."""
+def _tiny_vae(seed=0, timestep_conditioning=False):
+    """A randomly initialised LTX VAE small enough for CPU tests (17 frames of 64x64 in about 0.1 s), with
+    per-channel statistics that are not the identity, so normalisation shows. timestep_conditioning: shaped
+    as the 0.9.5 VAE (the 0.9.0 shape cannot decode with a timestep)."""
     from diffusers import AutoencoderKLLTXVideo
 
     torch.manual_seed(seed)
-    vae = AutoencoderKLLTXVideo(block_out_channels=(16, 32, 64, 64), layers_per_block=(1,) * 5,
-                                decoder_block_out_channels=(16, 32, 64, 64), decoder_layers_per_block=(1,) * 5)
+    if timestep_conditioning:
+        vae = AutoencoderKLLTXVideo(
+            block_out_channels=(8, 16, 32, 64, 128), down_block_types=("LTXVideo095DownBlock3D",) * 4,
+            layers_per_block=(1,) * 5, spatio_temporal_scaling=(True,) * 4, decoder_layers_per_block=(1,) * 4,
+            downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
+            decoder_block_out_channels=(32, 64, 128), decoder_spatio_temporal_scaling=(True,) * 3,
+            decoder_inject_noise=(False,) * 4, upsample_residual=(True,) * 3, upsample_factor=(2,) * 3,
+            timestep_conditioning=True, spatial_compression_ratio=32, temporal_compression_ratio=8)
+    else:
+        vae = AutoencoderKLLTXVideo(block_out_channels=(16, 32, 64, 64), layers_per_block=(1,) * 5,
+                                    decoder_block_out_channels=(16, 32, 64, 64), decoder_layers_per_block=(1,) * 5)
     vae.latents_mean.copy_(0.3 * torch.randn(128))
     vae.latents_std.copy_(0.5 + torch.rand(128))
     return vae.eval()
 
 
-def _smooth_video(F, size=64, seed=0):
-    """uint8 (F, 3, size, size): a moving colour gradient, which H.264 keeps almost exactly."""
+def _smooth_video(F, height=64, width=64, seed=0):
+    """uint8 (F, 3, height, width): a moving colour gradient, which H.264 keeps almost exactly."""
     g = gen(seed)
     phase, colour = torch.rand(1, generator=g) * 6, torch.rand(3, 1, 1, generator=g)
-    x = torch.linspace(0, 1, size)
-    frames = [(0.5 + 0.4 * torch.sin(6 * x[None, :] + 4 * x[:, None] + phase + 0.2 * f))[None] * colour for f in range(F)]
-    return (torch.stack(frames).expand(F, 3, size, size) * 255).round().to(torch.uint8)
+    y, x = torch.linspace(0, 1, height)[:, None], torch.linspace(0, 1, width)[None, :]
+    frames = [(0.5 + 0.4 * torch.sin(6 * x + 4 * y + phase + 0.2 * f))[None] * colour for f in range(F)]
+    return (torch.stack(frames) * 255).round().to(torch.uint8)
 
 
-def test_latent_file_format_and_trainer_layout(tmp_path):
+def test_latent_files_ours_and_both_trainers_layouts(tmp_path):
+    """Ours and LTX-Video-Trainer's: packed (F h w, C) tokens in (frame, row, column) order; LTX-2's
+    trainer: (C, F, h, w). Ours also say which VAE made them; a trainer's say nothing (None)."""
     z = torch.randn(4, 128, 3, 2)
-    fc.save_latents(str(tmp_path / "ours.pt"), z, fps=16)
+    vae = {"vae": "Lightricks/LTX-Video-0.9.5", "vae_fingerprint": "0123456789abcdef"}
+    fc.save_latents(str(tmp_path / "ours.pt"), z, fps=16, vae=vae)
     d = torch.load(tmp_path / "ours.pt", weights_only=True)
-    assert set(d) == {"latents", "num_frames", "height", "width", "fps"} and d["latents"].shape == (4 * 3 * 2, 128)
-    assert torch.equal(fc.load_latents(str(tmp_path / "ours.pt")), z)
-    # LTX-Video-Trainer packs (C, F, h, w) into tokens in (f, h, w) order, channels last
-    theirs = {"latents": z.permute(1, 0, 2, 3).permute(1, 2, 3, 0).reshape(-1, 128), "num_frames": 4, "height": 3, "width": 2, "fps": 24.0}
-    torch.save(theirs, tmp_path / "theirs.pt")
-    assert torch.equal(fc.load_latents(str(tmp_path / "theirs.pt")), z)
+    assert set(d) == {"latents", "num_frames", "height", "width", "fps", "vae", "vae_fingerprint"}
+    assert d["latents"].shape == (4 * 3 * 2, 128)
+    back, info = fc.load_latents(str(tmp_path / "ours.pt"))
+    assert torch.equal(back, z) and info == {"fps": 16.0, **vae}
+    trainer = {"latents": z.permute(1, 0, 2, 3).permute(1, 2, 3, 0).reshape(-1, 128), "num_frames": 4, "height": 3,
+               "width": 2, "fps": 24.0}  # LTX-Video-Trainer packs (C, F, h, w) into (f, h, w) tokens, channels last
+    torch.save(trainer, tmp_path / "video_trainer.pt")
+    torch.save({"latents": z.permute(1, 0, 2, 3), "num_frames": 4, "height": 3, "width": 2, "fps": 12.0},
+               tmp_path / "ltx2_trainer.pt")
+    for name, fps in (("video_trainer.pt", 24.0), ("ltx2_trainer.pt", 12.0)):
+        back, info = fc.load_latents(str(tmp_path / name))
+        assert torch.equal(back, z) and info == {"fps": fps, "vae": None, "vae_fingerprint": None}
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="bad.pt is not readable"):
         fc.load_latents(str(tmp_path / "bad.pt"))
@@ -1308,7 +1327,7 @@ def test_latent_file_format_and_trainer_layout(tmp_path):
         fc.load_latents(str(tmp_path / "ours.pt"), size=(8, 8))
 
 
-def test_vae_frame_rule_shapes_and_normalisation():
+def test_vae_frame_rule_normalisation_and_identity():
     vae = _tiny_vae()
     assert [fc.vae_frames(n) for n in (1, 8, 9, 16, 17, 24, 25)] == [1, 1, 9, 9, 17, 17, 25]
     pixels = _smooth_video(20).float() / 127.5 - 1  # 20 frames: cut to 17, never padded
@@ -1321,47 +1340,95 @@ def test_vae_frame_rule_shapes_and_normalisation():
     assert not torch.allclose(z, raw, atol=1e-2)  # and they were applied
     out = fc.decode_latents(vae, z)
     assert out.shape == (17, 3, 64, 64) and out.abs().max() <= 1
-    with pytest.raises(ValueError, match="not a multiple of 32"):
-        fc.encode_video(vae, torch.zeros(9, 3, 48, 64))
+    same, other = fc.vae_identity(_tiny_vae(), "x"), fc.vae_identity(_tiny_vae(seed=1), "x")  # other statistics
+    newer = fc.vae_identity(_tiny_vae(timestep_conditioning=True), "x")  # another config
+    assert fc.vae_identity(vae, "x") == same and len({same["vae_fingerprint"], other["vae_fingerprint"],
+                                                      newer["vae_fingerprint"]}) == 3
     with pytest.raises(ValueError, match="VAE folder /nonexistent/ltx-vae does not exist"):
         fc.load_vae("/nonexistent/ltx-vae")
     with pytest.raises(ValueError, match="cannot load the LTX VAE from"):  # a folder that holds no VAE
         fc.load_vae(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_mp4_round_trip(tmp_path):
-    frames = _smooth_video(17)
-    fc.write_video(str(tmp_path / "a.mp4"), frames, fps=16)
-    back, fps = fc.read_video(str(tmp_path / "a.mp4"))
-    assert back.shape == frames.shape and fps == 16
-    assert (back.float() - frames.float()).abs().mean() < 3  # H.264 at crf 18, uint8 units
+def test_a_timestep_conditioned_vae_decodes_at_005_with_0025_noise():
+    """The 0.9.1-and-later VAEs decode at a timestep after mixing in noise; by default 0.05 and 0.025, as
+    diffusers' LTX docs recommend (its pipelines' own defaults are 0)."""
+    vae = _tiny_vae(timestep_conditioning=True)
+    z = fc.encode_video(vae, _smooth_video(9).float() / 127.5 - 1)
+    assert z.shape == (2, 128, 2, 2)
+    seen, decode = [], vae.decode
+    vae.decode = lambda z, temb: (seen.append(temb.tolist()), decode(z, temb))[1]
+    default = fc.decode_latents(vae, z, generator=gen(0))
+    explicit = fc.decode_latents(vae, z, 0.05, 0.025, generator=gen(0))
+    other_noise = fc.decode_latents(vae, z, 0.05, 0.05, generator=gen(0))
+    assert default.shape == (9, 3, 64, 64) and seen[0] == pytest.approx([0.05])
+    assert torch.equal(default, explicit) and not torch.equal(default, other_noise)
+
+
+def test_videos_of_any_size_are_cropped_resized_and_cut_while_decoded(tmp_path):
+    """A 176x144 video (left third red, middle green, right third blue) for 64x64 latents: scaled to cover
+    64x64 (bicubic, antialiased), then centre-cropped; only the first frames are kept."""
+    frames = torch.zeros(30, 3, 144, 176, dtype=torch.uint8)
+    for c, cols in enumerate((slice(0, 58), slice(58, 118), slice(118, 176))):
+        frames[:, c, :, cols] = 255
+    fc.write_video(str(tmp_path / "clip.MOV"), frames, fps=24)  # an mp4 by content, whatever its name
+    back, fps = fc.read_video(str(tmp_path / "clip.MOV"), size=(64, 64), max_frames=9)
+    assert back.shape == (9, 3, 64, 64) and fps == 24
+    middle = back[0, :, 32].float()  # (3, 64): one row across
+    assert middle[0, :3].mean() > 200 and middle[1, 28:36].mean() > 200 and middle[2, -3:].mean() > 200
+    full, _ = fc.read_video(str(tmp_path / "clip.MOV"))
+    assert full.shape == (30, 3, 144, 176) and (full.float() - frames.float()).abs().mean() < 3  # H.264, crf 18
     (tmp_path / "broken.mp4").write_bytes(b"\x00" * 100)
     with pytest.raises(ValueError, match="broken.mp4 cannot be decoded"):
         fc.read_video(str(tmp_path / "broken.mp4"))
 
 
-def test_encode_a_folder_then_train_on_it(tmp_path, capsys):
+def test_odd_videos_encode_train_and_sample_back_to_mp4_with_their_vae_and_fps(tmp_path, capsys):
+    """The README's latent path on ordinary videos: sides that are not multiples of 32, upper-case and .mov
+    extensions, 24 fps, in a hidden sub-folder; sampled with no --vae or --fps."""
     vae_dir, videos, latents = tmp_path / "vae", tmp_path / "videos", tmp_path / "latents"
     _tiny_vae().save_pretrained(vae_dir)
-    videos.mkdir()
-    for F in (25, 33, 41):
-        fc.write_video(str(videos / f"clip{F}.mp4"), _smooth_video(F, seed=F), fps=16)
-    fc.write_video(str(videos / "short.mp4"), _smooth_video(5), fps=16)
-    (videos / "broken.mp4").write_bytes(b"\x00" * 100)
-    train.main(["--encode-videos", str(videos), "--out", str(latents), "--vae", str(vae_dir), "--device", "cpu"])
+    (videos / "sub").mkdir(parents=True)
+    for F, (h, w), name in ((25, (72, 96), "a.MP4"), (33, (144, 176), "sub/b.mov"), (41, (90, 60), "c.mp4")):
+        fc.write_video(str(videos / name), _smooth_video(F, h, w, seed=F), fps=24)
+    fc.write_video(str(videos / "short.mp4"), _smooth_video(5), fps=24)
+    (videos / "broken.mkv").write_bytes(b"\x00" * 100)
+    (videos / "notes.txt").write_text("not a video")
+    train.main(["--encode-videos", str(videos), "--out", str(latents / ".precomputed" / "latents"), "--vae", str(vae_dir),
+                "--preset", "latent_tiny", "--device", "cpu"])
     out = capsys.readouterr().out
-    assert "encoded 3 of 5 videos" in out and "broken.mp4 cannot be decoded" in out and "short.mp4 has 5 frames" in out
-    assert sorted(fc.load_latents(str(p)).shape[0] for p in latents.glob("*.pt")) == [4, 5, 6]  # 1 + (F - 1) / 8
-    train.main(["--preset", "latent_tiny", "--data", str(latents), "--steps", "3", "--out", str(tmp_path / "run"), "--log-every", "1"])
-    log = _log(tmp_path / "run")
-    assert [r["step"] for r in log] == [1, 2, 3] and all(math.isfinite(r["velocity"]) for r in log)
-    sample.main(["--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--num", "3", "--steps", "4", "--vae", str(vae_dir)])
-    saved = torch.load(tmp_path / "run" / "samples.pt", weights_only=True)
+    assert "encoded 3 of 5 videos" in out and "broken.mkv cannot be decoded" in out and "short.mp4 has 5 frames" in out
+    files = sorted((latents / ".precomputed" / "latents").glob("*.pt"))
+    assert [fc.load_latents(str(p))[0].shape[0] for p in files] == [4, 6, 5]  # a, c, sub__b: 1 + (F - 1) // 8
+    identity = fc.vae_identity(_tiny_vae(), str(vae_dir))
+    assert all(fc.load_latents(str(p))[1] == {"fps": 24.0, **identity} for p in files)
+    run = tmp_path / "run"
+    train.main(["--preset", "latent_tiny", "--data", str(latents), "--steps", "3", "--out", str(run), "--log-every", "1"])
+    out = capsys.readouterr().out
+    assert "3 clips (0 shorter than 3 frames skipped); clips per latent length: {4: 1, 5: 1, 6: 1}" in out
+    log = _log(run)
+    assert [r["step"] for r in log] == [1, 2, 3] and all(math.isfinite(r["grad_norm"]) for r in log)
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ckpt["data"] == {"fps": 24.0, **identity} and json.load(open(run / "config.json"))["dim"] == 64
+    assert (run / "loss.png").exists()
+    sample.main(["--ckpt", str(run / "ckpt.pt"), "--num", "3", "--steps", "4"])  # no --vae, no --fps
+    saved = torch.load(run / "samples.pt", weights_only=True)
     for i, z in enumerate(saved["frames"]):  # every sample decoded one clip at a time: 1 + 8 (f - 1) frames
-        frames, fps = fc.read_video(str(tmp_path / "run" / "videos" / f"sample_{i:04d}.mp4"))
-        assert frames.shape == (1 + 8 * (z.shape[0] - 1), 3, 64, 64) and fps == 16
+        frames, fps = fc.read_video(str(run / "videos" / f"sample_{i:04d}.mp4"))
+        assert frames.shape == (1 + 8 * (len(z) - 1), 3, 64, 64) and fps == 24
+    other = tmp_path / "other_vae"
+    _tiny_vae(seed=1).save_pretrained(other)
+    code, _ = _run_cli(sample.main, ["--ckpt", str(run / "ckpt.pt"), "--num", "1", "--vae", str(other)], capsys)
+    _one_line_error(code, f"VAE {other}", "is not the VAE that made the training latents")
+    one = tmp_path / "one_length"
+    one.mkdir()
+    shutil.copy(files[0], one / "x.pt")
+    shutil.copy(files[0], one / "y.pt")
+    train.main(["--preset", "latent_tiny", "--data", str(one), "--steps", "1", "--out", str(tmp_path / "r1")])
+    assert "warning: every clip has 4 latent frames" in capsys.readouterr().out
     (latents / "zz_bad.pt").write_bytes(b"junk")
-    code, _ = _run_cli(train.main, ["--preset", "latent_tiny", "--data", str(latents), "--steps", "1", "--out", str(tmp_path / "r2")], capsys)
+    code, _ = _run_cli(train.main, ["--preset", "latent_tiny", "--data", str(latents), "--steps", "1",
+                                    "--out", str(tmp_path / "r2")], capsys)
     assert "zz_bad.pt is not readable" in code
     (tmp_path / "empty").mkdir()
     code, _ = _run_cli(train.main, ["--preset", "latent_tiny", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r3")], capsys)

@@ -55,7 +55,7 @@ def parse_args(argv=None):
     arg("--data", help="toy: the 3-pixel videos; synthetic: random full-length clips of the preset's shape "
         "(speed and memory); else a folder of latent files")
     arg("--encode-videos", metavar="DIR", help="instead: encode the videos of DIR into latent files in --out")
-    arg("--vae", default="Lightricks/LTX-Video", help="hub id or folder of the LTX-Video VAE (diffusers)")
+    arg("--vae", default="Lightricks/LTX-Video-0.9.5", help="hub id or folder of the LTX VAE (diffusers)")
     arg("--peak-tflops", type=float, help="one device's peak TFLOP/s, for MFU (default: 989 on H100/H200)")
     arg("--steps", type=int, help="optimizer steps")
     arg("--batch-size", type=int, help="videos per optimizer step, over all processes")
@@ -148,15 +148,17 @@ def update_ema(ema, model, decay):
 FULL = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on the CPU, however sharded
 
 
-def save_checkpoint(path, model, ema, opt, step, cfg, preset, data_rng):
+def save_checkpoint(path, model, ema, opt, step, cfg, preset, data_rng, data_info):
     """One flat dict of full (gathered) tensors and plain data, written atomically by rank 0.
 
     Gathered, not sharded: one file that loads with torch.load(weights_only=True) anywhere and resumes on
     any number of processes, with or without FSDP2 (26 GB for taichi256). Every process must call this.
+    data_info: the latents' fps and VAE (LatentFolder.info), which sample.py decodes with.
     """
     ckpt = {name: dcp.get_model_state_dict(m, options=FULL) for name, m in (("model", model), ("ema", ema))}
     ckpt |= {"optimizer": dcp.get_optimizer_state_dict(model, opt, options=FULL), "step": step,
-             "config": dataclasses.asdict(cfg), "preset": preset, "data_rng": data_rng.get_state()}
+             "preset": preset, "config": dataclasses.asdict(cfg), "data_rng": data_rng.get_state(),
+             "data": data_info}
     if rank == 0:  # on disk before the rename; a failed write leaves the last checkpoint as it was
         try:
             with open(path + ".tmp", "wb") as f:
@@ -195,38 +197,59 @@ def log_rows(path, last):
     rows = []
     for line in open(path) if os.path.exists(path) else []:
         try:
-            rows += [line if line.endswith("\n") else line + "\n"] if json.loads(line)["step"] <= last else []
+            rows += [row] if (row := json.loads(line))["step"] <= last else []
         except (ValueError, KeyError, TypeError):
             pass
     return rows
 
 
-def encode_videos(src, out, vae_name, device, max_frames):
-    """Every *.mp4 of src -> one latent file per clip in out, cut to the preset's max_frames latent frames
-    (1 + 8 (max_frames - 1) video frames); a video that cannot be used is named and skipped."""
+def encode_videos(src, out, vae_name, device, cfg):
+    """Every video of src (by extension, any ffmpeg reads) -> one latent file per clip in out: its first
+    1 + 8 (max_frames - 1) frames, scaled and centre-cropped to the preset's frame size (its latents x 32),
+    with the fps and the VAE that made it. A video that cannot be used is named, with why."""
     if world_size > 1:
         raise ValueError("--encode-videos runs in one process (not under torchrun)")
-    videos = sorted(glob.glob(os.path.join(src, "**", "*.mp4"), recursive=True))
+    videos = sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs
+                    if os.path.splitext(f)[1].lower() in fc.VIDEO_FILES)
     if not videos:
-        raise ValueError(f"no videos (*.mp4) in {src}")
+        raise ValueError(f"no videos ({' '.join(fc.VIDEO_FILES)}) in {src}")
     vae = fc.load_vae(vae_name, device)
+    identity = fc.vae_identity(vae, vae_name)
+    size = (cfg.height * fc.LTX_SPATIAL, cfg.width * fc.LTX_SPATIAL)
     os.makedirs(out, exist_ok=True)
     failed = 0
     for path in tqdm(videos, desc="encoding"):
         try:
-            frames, fps = fc.read_video(path)
+            frames, fps = fc.read_video(path, size, max_frames=1 + fc.LTX_TEMPORAL * (cfg.max_frames - 1))
             if len(frames) < 1 + fc.LTX_TEMPORAL:
                 raise ValueError(f"video {path} has {len(frames)} frames, fewer than {1 + fc.LTX_TEMPORAL}")
-            z = fc.encode_video(vae, frames[: 1 + fc.LTX_TEMPORAL * (max_frames - 1)].float() / 127.5 - 1)
+            z = fc.encode_video(vae, frames.float() / 127.5 - 1)
         except (ValueError, RuntimeError) as e:  # RuntimeError: e.g. out of memory on a huge frame
             failed += 1
-            tqdm.write(f"skipped: {e}" if isinstance(e, ValueError) else f"skipped: {path} ({str(e)[:80]})")
+            tqdm.write(f"skipped: {e}" if isinstance(e, ValueError) else f"skipped: {path} ({fc.why(e)})")
             continue
         name = os.path.splitext(os.path.relpath(path, src))[0].replace(os.sep, "__")
-        fc.save_latents(os.path.join(out, name + ".pt"), z, fps)
+        fc.save_latents(os.path.join(out, name + ".pt"), z, fps, identity)
     if failed == len(videos):
         raise ValueError(f"none of the {failed} videos in {src} could be encoded (reasons above)")
-    print(f"encoded {len(videos) - failed} of {len(videos)} videos into {out} ({failed} skipped)")
+    print(f"encoded {len(videos) - failed} of {len(videos)} videos into {out} ({failed} skipped), "
+          f"{size[0]}x{size[1]} px, with {identity['vae']} ({identity['vae_fingerprint']})")
+
+
+def plot_log(log_path, png):
+    """The losses and the gradient norm of every step, from log.jsonl (when matplotlib is there)."""
+    plt = fc.pyplot()
+    if plt is None or not os.path.exists(log_path):
+        return
+    rows = log_rows(log_path, math.inf)
+    fig, ax = plt.subplots(figsize=(7, 3))
+    for key in ("velocity", "rate", "grad_norm"):
+        ax.plot([r["step"] for r in rows], [r.get(key, math.nan) for r in rows], label=key, linewidth=0.8)
+    ax.set(xlabel="step", yscale="log", title=os.path.dirname(log_path))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
 
 
 def global_batch(cfg, kappa, data_rng, dataset=None):
@@ -329,6 +352,7 @@ def peak_tflops(args, device):
 
 
 def train(args):
+    """Check everything a user can get wrong, claim the run folder (claim_folder), then train."""
     out = args.out or os.path.join("out", args.preset)
     ckpt_path = os.path.join(out, "ckpt.pt")
     if os.path.exists(out) and not os.path.isdir(out):
@@ -353,10 +377,21 @@ def train(args):
     if cfg.batch_size % (world_size * cfg.grad_accum):
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of processes x grad_accum = "
                          f"{world_size * cfg.grad_accum}")
-    lock = claim_folder(out, args.resume) if rank == 0 else None  # noqa: F841 (held until train returns)
+    resumed = [ckpt] if ckpt else []  # run takes the only reference, to let the memory-mapped file go
+    del ckpt
+    with claim_folder(out, args.resume) if rank == 0 else contextlib.nullcontext():  # released as run ends
+        run(args, cfg, resumed, device, out)
+    return out
+
+
+def run(args, cfg, resumed, device, out):
+    """Build the model (and resume it), then train: the numbered steps of the loop."""
+    ckpt_path, ckpt = os.path.join(out, "ckpt.pt"), resumed.pop() if resumed else None
     dataset = fc.LatentFolder(cfg.data, cfg) if cfg.data not in ("toy", "synthetic") else None
-    if dataset is not None:
-        print0(f"{len(dataset.clips)} latent clips in {cfg.data}")
+    data_info = dataset.info if dataset else {}
+    if rank == 0:  # the effective config, for the record
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump({"preset": args.preset, **dataclasses.asdict(cfg), "data_info": data_info}, f, indent=1)
     device = setup_distributed(device, cfg.fsdp, args.timeout)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     data_rng = torch.Generator().manual_seed(cfg.seed)  # the same global batches on every process
@@ -420,7 +455,7 @@ def train(args):
             row = {"step": done, "velocity": losses[0].item(), "rate": losses[1].item(),
                    "grad_norm": losses[2].item(), "lr": lr}
             with open(log_path, "a" if done > start + 1 else "w") as f:
-                f.writelines((kept if done == start + 1 else []) + [json.dumps(row) + "\n"])
+                f.writelines(json.dumps(r) + "\n" for r in (kept if done == start + 1 else []) + [row])
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
             seconds = time.time() - t_log
             tflops = flops / seconds / 1e12
@@ -433,13 +468,12 @@ def train(args):
             bar.write(line + (f" | {memory:.1f} GiB" if bf16 else ""))
             t_log, sums, flops, n_logged = time.time(), torch.zeros(3, dtype=torch.float64), 0.0, 0
         if cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == cfg.steps):
-            save_checkpoint(ckpt_path, model, ema, opt, done, cfg, args.preset, data_rng)
+            save_checkpoint(ckpt_path, model, ema, opt, done, cfg, args.preset, data_rng, data_info)
     print0(f"saved {ckpt_path}; sample it with: python sample.py --ckpt {ckpt_path}" if cfg.ckpt_every
            else "no checkpoint written (ckpt_every = 0)")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    return ckpt_path
 
 
 def main(argv=None):
@@ -449,8 +483,10 @@ def main(argv=None):
     try:
         if args.encode_videos:
             return encode_videos(args.encode_videos, args.out or "data/latents", args.vae,
-                                 fc.get_device(args.device), fc.PRESETS[args.preset].max_frames)
-        train(args)
+                                 fc.get_device(args.device), fc.PRESETS[args.preset])
+        out = train(args)
+        if rank == 0:
+            plot_log(os.path.join(out, "log.jsonl"), os.path.join(out, "loss.png"))
     except (ValueError, OSError) as e:  # a user's error: one line, once (rank 0); every process exits 1
         sys.exit(f"error: {e}" if rank == 0 else 1)
 
