@@ -18,7 +18,6 @@ rates    the model predicts log lam_j for every visible frame j: lam_j estimates
 """
 import collections
 import fractions
-import functools
 import hashlib
 import json
 import math
@@ -30,7 +29,6 @@ import torch.nn.functional as nnf
 import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from tqdm import tqdm
 
 #################################################################################
@@ -55,7 +53,6 @@ class Config:
     heads: int = 4
     mlp_ratio: float = 4.0
     window: int = 0  # attention within +-window frames (Figure 8); 0 = the whole video
-    attention: str = "sdpa"  # "sdpa": a dense mask; "flex": FlexAttention with a BlockMask (CUDA)
     # Not in the paper: an embedding of the current frame count m on every frame's adaLN input. The
     # exact rate of an uninformative video is a sharp function of m and tau_g (the tests' oracle);
     # with relative (RoPE) positions only, the toy DiT did not learn to count. False: the paper's DiT.
@@ -102,9 +99,8 @@ class Config:
         if self.height % self.patch[0] or self.width % self.patch[1] or self.dim % (2 * self.heads):
             raise ValueError(f"patch {self.patch} must divide the frame {self.height}x{self.width}, and dim "
                              f"{self.dim} split into {self.heads} heads of even size")
-        if self.n_start > self.max_frames or self.attention not in ("sdpa", "flex"):
-            raise ValueError(f"n_start {self.n_start} must be <= max_frames {self.max_frames}, attention "
-                             f"sdpa or flex (got {self.attention!r})")
+        if self.n_start > self.max_frames:
+            raise ValueError(f"n_start {self.n_start} must be <= max_frames {self.max_frames}")
 
     def make_kappa(self):
         return KAPPAS[self.kappa]()
@@ -113,7 +109,7 @@ class Config:
     def from_dict(cls, d):
         """Inverse of dataclasses.asdict, for the configs stored in checkpoints. A config of another version
         of this code is refused, naming the keys that differ: a default filled in would change the run."""
-        names = {f.name for f in fields(cls)}
+        names, d = {f.name for f in fields(cls)}, {k: v for k, v in d.items() if k != "attention"}  # retired
         if set(d) != names:
             raise ValueError(f"its config has unknown keys {sorted(set(d) - names)} and lacks "
                              f"{sorted(names - set(d))}: written by another version of this code?")
@@ -185,20 +181,7 @@ class PolyKappa(Kappa):
         return torch.as_tensor(u) ** (1 / self.p)
 
 
-class CosineKappa(Kappa):
-    """kappa(t) = 1 - cos(pi t / 2): a slow start, a fast finish."""
-
-    def kappa(self, t):
-        return 1 - torch.cos(torch.as_tensor(t) * math.pi / 2)
-
-    def dkappa(self, t):
-        return math.pi / 2 * torch.sin(torch.as_tensor(t) * math.pi / 2)
-
-    def inverse(self, u):
-        return torch.acos(1 - torch.as_tensor(u)) * 2 / math.pi
-
-
-KAPPAS = {"linear": LinearKappa, "poly": PolyKappa, "cosine": CosineKappa}
+KAPPAS = {"linear": LinearKappa, "poly": PolyKappa}
 
 #################################################################################
 #            Training state in extended time (Eqs. 6-10, 27, Algorithm 2)       #
@@ -319,11 +302,9 @@ class TrainingBatch:
 
 
 def make_training_batch(x_1, state, generator=None, cond_dropout=0.0):
-    """Noise the clean videos x_1 (B, F, C, H, W) to the state's times and strip the deleted frames.
-
-    Context frames are clean (t = 1), in both streams. With probability cond_dropout a video's context is
-    dropped: zeros in both streams, same place and t = 1, for the unconditional model of guidance (Eq. 13).
-    """
+    """Noise the clean videos x_1 (B, F, C, H, W) to the state's times and strip the deleted frames. Context
+    frames are clean (t = 1), in both streams. With probability cond_dropout a video's context is dropped:
+    zeros in both streams, same place and t = 1, for the unconditional model of guidance (Eq. 13)."""
     x_0 = torch.randn(x_1.shape, generator=generator, device=x_1.device, dtype=x_1.dtype)
     t = state.t.to(x_1.dtype)[:, :, None, None, None]  # (B, F, 1, 1, 1)
     x_t = t * x_1 + (1 - t) * x_0  # (B, F, C, H, W)                            Eq. (10)
@@ -352,12 +333,7 @@ def make_training_batch(x_1, state, generator=None, cond_dropout=0.0):
 
 # A context frame is clean (t = 1), is given in both the noisy and the conditioning stream, never moves,
 # and is active (it may insert to its right) or passive (it may not).
-TASKS = {
-    "uncond": "no context",
-    "i2v": "frame 0 is an active context frame",
-    "interp": "first and last frame (passive), 0-2 active anchors between them (not frame 1); gaps not given",
-    "extend": "a given first clip of 2..n/2 frames, passive but its last frame (video continuation)",
-}
+TASKS = ("uncond", "i2v", "interp", "extend")  # sample_context says what each gives
 
 
 def parse_tasks(spec):
@@ -365,22 +341,22 @@ def parse_tasks(spec):
     mix = {}
     for item in spec.split(","):
         name, _, weight = item.strip().partition(":")
-        if name not in TASKS:
-            raise ValueError(f"unknown task {name!r} in {spec!r}; tasks are {', '.join(TASKS)}")
         try:
             mix[name] = float(weight or 1)
         except ValueError:
-            raise ValueError(f"task weight {weight!r} in {spec!r} is not a number") from None
-        if not 0 <= mix[name] < math.inf:
-            raise ValueError(f"task weights must be >= 0 and finite, got {spec!r}")
+            mix[name] = math.nan  # not a number
+        if name not in TASKS or not 0 <= mix[name] < math.inf:
+            raise ValueError(f"bad task {item!r} in {spec!r}: tasks are {', '.join(TASKS)}, weights >= 0")
     if sum(mix.values()) <= 0:
         raise ValueError(f"task mix {spec!r} has no positive weight")
     return mix
 
 
 def sample_context(lengths, tasks="uncond", generator=None):
-    """A task per video, drawn from the mix, and its context pattern: context, passive (B, F) bool. interp
-    never anchors frame 1: the start frame lies between the first two anchors. lengths on the CPU."""
+    """A task per video, drawn from the mix, and its context pattern: context, passive (B, F) bool (lengths on
+    the CPU). uncond: none. i2v: frame 0, active. interp: the first and last frame (passive) and 0-2 active
+    anchors between them, never frame 1 (the start frame lies in the first gap); the gaps are not given.
+    extend: the first 2..n/2 frames, passive but the last (video continuation)."""
     lengths = torch.as_tensor(lengths, dtype=torch.long)
     B, F = len(lengths), int(lengths.max())
     none = torch.zeros(B, F, dtype=torch.bool)
@@ -479,13 +455,6 @@ def apply_rope(x, cos, sin):
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
 
-@functools.cache
-def compiled_flex_attention():
-    """FlexAttention compiled once, for CUDA. On the CPU the uncompiled reference runs (tests): torch 2.13's
-    compiled CPU kernel gave NaN rows."""
-    return torch.compile(flex_attention)
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with QK-norm and 3D RoPE; who attends to whom is the caller's mask."""
 
@@ -499,11 +468,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, attn_mask):  # x (B, N, D)
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)  # (B, h, N, hd)
-        if isinstance(attn_mask, BlockMask):  # autocast keeps q, k fp32 and v bf16: flex wants one dtype
-            flex = compiled_flex_attention() if q.is_cuda else flex_attention
-            out = flex(q.to(v.dtype), k.to(v.dtype), v, block_mask=attn_mask)  # (B, h, N, hd)
-        else:
-            out = nnf.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, hd)
+        out = nnf.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, hd)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)
 
 
@@ -529,13 +494,9 @@ class DiTBlock(nn.Module):
 
 class Flowception(nn.Module):
     """model(x_t, t, mask, cond) -> (v, log_lam): a velocity for every frame, a log insertion rate per slot.
-
-    Each frame is patchified over 2C channels (noisy and conditioning stream) into L tokens, plus one
-    learned rate token (shared, replicated per frame). Attention runs over all tokens of the real frames
-    of a video (optionally within +-window frames). A final adaLN layer modulates every token by its
-    frame's conditioning; a linear map gives v from the patch tokens, a small MLP gives log lam from the
-    rate token (lam = exp(log lam)).
-    """
+    Each frame: L patch tokens over 2C channels (noisy and conditioning stream) and one learned rate token
+    (shared). Attention over the tokens of the real frames of a video (or within +-window frames). A final
+    adaLN layer, then a linear map gives v from the patch tokens, a small MLP log lam from the rate token."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -559,14 +520,11 @@ class Flowception(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.rate_token, std=0.02)
-        for embedder in (self.t_embedder, self.count_embedder):
-            if embedder is not None:
-                nn.init.normal_(embedder.mlp[0].weight, std=0.02)
-                nn.init.normal_(embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_modulation[-1], self.final_linear, self.rate_head[-1]):
+        for embedder in (e for e in (self.t_embedder, self.count_embedder) if e is not None):
+            nn.init.normal_(embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(embedder.mlp[2].weight, std=0.02)
+        zero = [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_modulation[-1], self.final_linear]
+        for layer in zero + [self.rate_head[-1]]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -581,23 +539,11 @@ class Flowception(nn.Module):
         return torch.cat([position[:, :, None, None].float().expand(*hw.shape[:3], 1), hw], dim=-1)
 
     def attention_mask(self, video, position, L1):
-        """Who attends to whom: the tokens of the same video (and within +-window frames of each other).
-
-        attention="sdpa": a dense (B, 1, N, N) bool mask. "flex": a FlexAttention BlockMask, built once
-        per forward pass, that skips the blocks between the videos of a packed row. One rule for both.
-        """
-        window = self.cfg.window
+        """(B, 1, N, N) bool: a token attends to the tokens of its own video (within +-window frames)."""
         video, position = video.repeat_interleave(L1, dim=1), position.repeat_interleave(L1, dim=1)  # (B, N)
-
-        def allowed(b, h, q, k):  # FlexAttention's mask_mod: batch, head, query and key token indices
-            same = video[b, q] == video[b, k]
-            return same & ((position[b, q] - position[b, k]).abs() <= window) if window else same
-
-        (B, N), device = video.shape, video.device
-        if self.cfg.attention == "flex":  # compiled on CUDA: no (B, N, N) tensor is ever built
-            return create_block_mask(allowed, B, None, N, N, device=device, _compile=device.type == "cuda")
-        b, i = torch.arange(B, device=device)[:, None, None], torch.arange(N, device=device)
-        return allowed(b, None, i[:, None], i)[:, None]  # (B, 1, N, N): the rule on broadcast index grids
+        same = video[:, :, None] == video[:, None, :]  # (B, N, N)
+        near = (position[:, :, None] - position[:, None, :]).abs() <= self.cfg.window
+        return (same & near if self.cfg.window else same)[:, None]
 
     def forward(self, x_t, t, mask, cond, video=None, position=None):
         """video, position (B, F) long: for rows packed with several videos (train.pack_batch), which video
@@ -648,15 +594,10 @@ class Prompt:
 
 
 def make_prompt(task, frames, n_start=1):
-    """A task's prompt from its context frames (B, A, C, H, W), with n_start start frames where
-    sample_training_state puts its start frame: after the first context frame, or the whole given clip.
-
-    i2v:    A = 1: the frame (active), then the start frame;
-    interp: A >= 2 anchors in order: the first, the start frame, the middle anchors (active), the last
-            (passive); how many frames go between the anchors is left to the model;
-    extend: a clip (passive, but its last frame active), then the start frame.
-    n_start > 1 is for the full-sequence baseline, whose free frames all start.
-    """
+    """A task's prompt from its context frames (B, A, C, H, W) and n_start start frames (> 1: the baseline),
+    placed where sample_training_state puts its start frame. i2v: the frame (active), start. interp: the
+    first anchor, start, the middle anchors (active), the last (passive); the gaps' sizes are the model's.
+    extend: the clip (passive but its last frame), start."""
     B, A = frames.shape[:2]
     assert A == 1 if task == "i2v" else A >= (2 if task == "interp" else 1), f"{task} with {A} context frames"
     assert n_start == 1 or task != "interp", "the baseline of interp would need the length of every gap"
@@ -672,13 +613,10 @@ def make_prompt(task, frames, n_start=1):
 
 
 def time_grid(kappa, steps, max_reveal_prob=0.1, floor=1e-4):
-    """The global times 0 = tau_0 < tau_1 < ... = 1 at which the sampler evaluates the model before tau_g = 1.
-
-    Each step is h = 1 / steps, or shorter where a step of h would reveal more than max_reveal_prob of
-    the still pending frames; once 1 - kappa < floor, the last step goes to 1. With uniform steps
-    (Algorithm 1, max_reveal_prob = 1) the last step reveals every pending frame at once, without the
-    model seeing any of them: that is what skews the length law at small budgets (SPEC section 7).
-    """
+    """The times 0 = tau_0 < tau_1 < ... = 1 at which the sampler evaluates the model before tau_g = 1: steps
+    of h = 1 / steps, or shorter where h would reveal more than max_reveal_prob of the pending frames; once
+    1 - kappa < floor the last step goes to 1. Uniform steps (Algorithm 1, max_reveal_prob = 1) reveal
+    every pending frame at the last step, unseen by the model: that skews the length law (README)."""
     kap = lambda t: float(kappa.kappa(torch.tensor(t, dtype=torch.float64)))  # noqa: E731
     # at most `steps` steps of h, and capped steps that each shrink 1 - kappa by (1 - cap) to the floor
     capped = math.ceil(math.log(floor) / math.log(1 - max_reveal_prob)) if max_reveal_prob < 1 else 0
@@ -732,11 +670,9 @@ class Sample:
 
 
 def insert_frames(state, n_new, tau_g, max_frames, generator=None):
-    """Insert n_new[b, j] noise frames (t = 0) right after frame j of row b, every slot at once.
-
-    Algorithm 1's ins(X, j, eps) in parallel; inserted frames record tau_g. Insertions that would take
-    a video past max_frames are refused, the leftmost slots served first; real frames are never evicted.
-    """
+    """Insert n_new[b, j] noise frames (t = 0) right after frame j of row b, every slot at once: Algorithm
+    1's ins(X, j, eps) in parallel. Insertions past max_frames are refused (leftmost slots first served);
+    real frames are never evicted."""
     x, mask = state.x, state.mask
     B, F = mask.shape
     n_new = n_new.long() * mask
@@ -762,12 +698,9 @@ def insert_frames(state, n_new, tau_g, max_frames, generator=None):
 
 
 def guided_forward(model, state, rate_guidance=1.0, cfg_scale=1.0):
-    """The model on the sampler state -> (v, log_lam); with guidance, also without the context.
-
-    The unconditional pass blanks the context frames in both streams, keeping their place and t = 1,
-    as conditioning dropout does in training. Rate guidance in log space, log lam = w log lam_c +
-    (1 - w) log lam_u (Eq. 13); velocity CFG, v = v_u + s (v_c - v_u). Both passes run as one batch.
-    """
+    """The model on the sampler state -> (v, log_lam); with guidance, also without the context: blanked in
+    both streams, in place and at t = 1, as conditioning dropout trains it. Rate guidance log lam = w log
+    lam_c + (1 - w) log lam_u (Eq. 13); velocity CFG v = v_u + s (v_c - v_u). One batch for both passes."""
     ctx = state.context[:, :, None, None, None]  # (B, F, 1, 1, 1)
     x, cond = state.x, torch.where(ctx, state.x, 0.0)
     if (rate_guidance == 1 and cfg_scale == 1) or not state.context.any():
@@ -785,19 +718,16 @@ def generate(model, num_videos, frame_shape, kappa=None, n_start=1, steps=100, s
              dtype=torch.float32, prompt=None, rate_guidance=1.0, cfg_scale=1.0, gamma=1.0):
     """Generate variable-length videos: Euler flow steps interleaved with frame insertions (Algorithm 1).
 
-    model: any callable model(x_t, t, mask, cond) -> (v, log_lam) (module docstring shapes).
-    prompt: the context and start frames to begin from (make_prompt); None: n_start start frames.
-    Each step, for every video at once:
+    model: any callable model(x_t, t, mask, cond) -> (v, log_lam). prompt: the context and start frames to
+    begin from (make_prompt); None: n_start start frames. Each step, for every video at once:
       1. one forward pass -> v, log lam (two with guidance: rate_guidance w, Eq. 13; cfg_scale s);
       2. flow (Eq. 4): each unfinished frame advances its solver coordinate u_i by min(du, 1 - u_i) and
-         moves by x_i += (t_i' - t_i) v_i, t = u^gamma (Appendix E; gamma = 1: t = u);
-      3. while tau_g < 1, insertions right of every frame that may insert, p = reveal_prob(tau_g, tau_g +
-         du): 'poisson' Poisson(lam_j p) new frames (Appendix B.3, Eq. 34), 'bernoulli' one with
-         probability min(1, lam_j p) (Algorithm 1); new frames are N(0, I) noise with t = u = 0;
-      4. tau_g advances along time_grid (steps of h = 1 / steps, the reveal probability capped), then by
-         h once tau_g >= 1; generation ends when every frame is clean.
-    max_reveal_prob = 1 is exactly Algorithm 1's uniform grid. gamma != 1 gives new frames smaller steps;
-    exact for a model trained with the same gamma (Config.gamma). Returns a list of Sample.
+         moves by x_i += (t_i' - t_i) v_i, t = u^gamma (Appendix E: exact if trained with that gamma);
+      3. while tau_g < 1, right of every frame that may insert, with p = reveal_prob(tau_g, tau_g + du),
+         Poisson(lam_j p) new frames (Appendix B.3, Eq. 34) or, 'bernoulli', one w.p. min(1, lam_j p)
+         (Algorithm 1); new frames are N(0, I) noise with t = u = 0;
+      4. tau_g advances along time_grid, then by h = 1 / steps; the loop ends when every frame is clean.
+    max_reveal_prob = 1 is exactly Algorithm 1's uniform grid. Returns a list of Sample.
     """
     kappa = kappa or LinearKappa()
     assert sampler in ("poisson", "bernoulli"), sampler
@@ -863,7 +793,7 @@ def full_sequence(model):
 
 
 #################################################################################
-#          LTX-Video latents: files, a dataset, VAE encode and decode, mp4      #
+#          LTX-Video latents: files, a folder, VAE encode and decode, mp4       #
 #################################################################################
 
 def why(e):
@@ -909,36 +839,28 @@ def load_latents(path, channels=None, size=None):
     return z, {k: d.get(k) for k in ("fps", "vae", "vae_fingerprint")}
 
 
-class LatentFolder:
+def load_latent_folder(folder, cfg):
     """Every latent file of a folder (*.pt, recursively, hidden folders such as the trainers'
-    .precomputed/latents too), checked and held in memory: Tai-Chi-HD at 256 px is 3,049 clips of at
-    most 19 x 128 x 8 x 8 latents, about 0.5 GB. `info`: the fps and the VAE, for the checkpoint."""
-
-    def __init__(self, folder, cfg):
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.endswith(".pt"))
-        if not files:
-            raise ValueError(f"no latent files (*.pt) in {folder} (encode videos: train.py --encode-videos)")
-        shape, shortest = (cfg.height, cfg.width), cfg.n_start + 2
-        clips = [load_latents(f, cfg.channels, shape) for f in tqdm(files, disable=len(files) < 100)]
-        vaes = {(i["vae"], i["vae_fingerprint"]) for _, i in clips}
-        if len(vaes) > 1:
-            raise ValueError(f"the latents in {folder} come from {len(vaes)} VAEs: {sorted(map(str, vaes))}")
-        fps = collections.Counter(i["fps"] for _, i in clips if i["fps"]).most_common(1)
-        self.info = dict(zip(("vae", "vae_fingerprint"), vaes.pop()), fps=fps[0][0] if fps else None)
-        self.clips = [z[: cfg.max_frames] for z, _ in clips if len(z) >= shortest]
-        if not self.clips:
-            raise ValueError(f"no clip in {folder} has {shortest} latent frames or more")
-        lengths = collections.Counter(len(z) for z in self.clips)
-        print(f"{folder}: {len(self.clips)} clips ({len(clips) - len(self.clips)} shorter than {shortest} "
-              f"frames skipped); clips per latent length: {dict(sorted(lengths.items()))}")
-        if len(lengths) == 1:
-            print(f"warning: every clip has {len(self.clips[0])} latent frames, the only length the model "
-                  "will learn (a trainer cache cuts clips to its bucket's length: encode the videos instead)")
-
-    def batch(self, index):
-        """-> videos (B, F, C, h, w) zero-padded, lengths (B,)."""
-        clips = [self.clips[i] for i in index.tolist()]
-        return nn.utils.rnn.pad_sequence(clips, batch_first=True), torch.tensor([len(c) for c in clips])
+    .precomputed/latents too), checked -> the clips, held in memory (Tai-Chi-HD at 256 px: 3,049 clips of
+    at most 19 x 128 x 8 x 8 latents, 0.5 GB), and their fps and VAE, which the checkpoint records."""
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.endswith(".pt"))
+    if not files:
+        raise ValueError(f"no latent files (*.pt) in {folder} (encode videos: train.py --encode-videos)")
+    shortest, size = cfg.n_start + 2, (cfg.height, cfg.width)
+    loaded = [load_latents(f, cfg.channels, size) for f in tqdm(files, disable=len(files) < 100)]
+    vaes = {(i["vae"], i["vae_fingerprint"]) for _, i in loaded}
+    if len(vaes) > 1:
+        raise ValueError(f"the latents in {folder} come from {len(vaes)} VAEs: {sorted(map(str, vaes))}")
+    clips = [z[: cfg.max_frames] for z, _ in loaded if len(z) >= shortest]
+    if not clips:
+        raise ValueError(f"no clip in {folder} has {shortest} latent frames or more")
+    lengths = collections.Counter(len(z) for z in clips)
+    print(f"{folder}: {len(clips)} clips ({len(loaded) - len(clips)} shorter than {shortest} frames "
+          f"skipped); clips per latent length: {dict(sorted(lengths.items()))}")
+    if len(lengths) == 1:
+        print(f"warning: every clip has {len(clips[0])} latent frames, the only length the model will learn "
+              "(a trainer cache cuts clips to its bucket's length: encode the videos instead)")
+    return clips, dict(zip(("vae", "vae_fingerprint"), vaes.pop()), fps=loaded[0][1]["fps"])
 
 
 def load_vae(name_or_path, device="cpu", dtype=torch.float32):
@@ -988,12 +910,9 @@ def encode_video(vae, pixels):
 
 @torch.no_grad()
 def decode_latents(vae, z, decode_timestep=None, decode_noise_scale=None, generator=None):
-    """Normalised latents (f, C, h, w) of ONE clip -> pixels (1 + 8 (f - 1), 3, 32 h, 32 w) in [-1, 1].
-
-    One clip at a time: the VAE's temporal convolutions would mix padding into a batch. A VAE with
-    timestep_conditioning (0.9.1 and later) decodes at decode_timestep after mixing in that much noise,
-    as diffusers' LTX pipelines do; None: 0.05 and 0.025, what diffusers' LTX docs recommend for it.
-    """
+    """Normalised latents (f, C, h, w) of ONE clip (the VAE's temporal convolutions would mix padding into a
+    batch) -> pixels (1 + 8 (f - 1), 3, 32 h, 32 w) in [-1, 1]. A timestep-conditioned VAE (0.9.1 on) decodes
+    at decode_timestep after mixing in noise, as diffusers does; None: 0.05 and 0.025, as its docs advise."""
     p = next(vae.parameters())
     mean, std = vae.latents_mean.view(-1, 1, 1, 1), vae.latents_std.view(-1, 1, 1, 1)
     z = z.to(p.device, p.dtype).permute(1, 0, 2, 3)[None]  # (1, C, f, h, w)
@@ -1101,16 +1020,13 @@ def load_checkpoint(path):
 
 
 def get_device(name):
-    """--device: None (a CUDA GPU when there is one, else the CPU), or a device torch knows and can use."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r} (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
+    """--device: None (a CUDA GPU when there is one, else the CPU), or a device this torch can use."""
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {name!r} (cpu, cuda, cuda:1, ...)")
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA GPU")
-    return device
+    return torch.device(name)
 
 
 #################################################################################
@@ -1119,13 +1035,10 @@ def get_device(name):
 
 
 def forward_flops(cfg, frames):
-    """Matmul FLOPs of one forward pass over ONE video of `frames` real frames (no padding).
-
-    As torchtitan and nanoGPT count: 2 per parameter per token it touches, plus 4 D per query-key pair
-    per block for attention. Block linears act on every token (rate token too); the patch embedding and
-    velocity head on patch tokens; adaLN, the time and count embeddings and the rate head once per
-    frame. Training is 3x this (forward and backward), recomputation under checkpointing aside.
-    """
+    """Matmul FLOPs of one forward pass over ONE video of `frames` real frames, as torchtitan and nanoGPT
+    count: 2 per parameter per token it touches (blocks: every token; patch embedding and velocity head:
+    patch tokens; adaLN, embeddings, rate head: once per frame), plus 4 D per query-key pair per block.
+    Training is 3x this (forward and backward), recomputation under checkpointing aside."""
     D, C, (ph, pw) = cfg.dim, cfg.channels, cfg.patch
     L = (cfg.height // ph) * (cfg.width // pw)  # patch tokens per frame; L + 1 with the rate token
     hidden = int(D * cfg.mlp_ratio)

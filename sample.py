@@ -1,21 +1,15 @@
 """Sample Flowception videos and compare them with the data.
 
     python sample.py                                # out/toy/ckpt.pt (EMA weights), 512 videos
-    python sample.py --task i2v                     # image-to-video from held-out first frames
     python sample.py --task interp --anchors 1      # first, middle and last frame given; the gaps are free
-    python sample.py --task i2v --rate-guidance 2   # Eq. (13); --cfg S for velocity guidance
     python sample.py --steps 100 --sampler bernoulli --max-reveal-prob 1   # Algorithm 1 exactly
     python sample.py --full-sequence                # the full-sequence baseline at the data's lengths
 
-Context frames come from held-out toy videos (a seed stream training never uses) or from --context
-FILE (a tensor (A, C, H, W) or (N, A, C, H, W) saved with torch.save, or a latent file). Prints the
-length histogram against the data law, the metrics of toy_data and the model FLOPs per video; saves
-<out>/samples.pt and, with matplotlib, <out>/lengths.png (Figure 10) and <out>/videos.png (Figures
-5/6: each frame's insertion time as a colour under it, context frames in dashed boxes). Latent
-presets are decoded to mp4s through the LTX VAE.
+Toy checkpoints: the length histogram, the metrics of toy_data, samples.pt and videos.png (Figures 5/6:
+each frame's insertion time under it, context frames dashed). Latent presets: mp4s, through the VAE
+that made the training latents.
 """
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -26,7 +20,7 @@ from tqdm import tqdm
 import flowception as fc
 import toy_data
 
-HELD_OUT = 1_000_003  # seed offset of the held-out videos that give context frames
+HELD_OUT = 1_000_003  # seed offset of the held-out toy videos that give context frames
 
 
 def parse_args(argv=None):
@@ -40,7 +34,7 @@ def parse_args(argv=None):
     arg("--max-reveal-prob", type=float, default=0.1, help="cap on a step's reveal probability (1: Alg. 1)")
     arg("--max-frames", type=int, help="length cap (default: twice the data's longest)")
     arg("--task", choices=fc.TASKS, default="uncond", help="what is given")
-    arg("--context", help="file of context frames (default: held-out toy videos)")
+    arg("--context", help="a latent file whose frames are the context (default: held-out toy videos)")
     arg("--anchors", type=int, default=0, help="interp: middle anchors between the first and last frame")
     arg("--prefix", type=int, default=4, help="extend: the number of given frames")
     arg("--rate-guidance", type=float, default=1.0, help="rate guidance w, Eq. (13) (1: off)")
@@ -54,58 +48,50 @@ def parse_args(argv=None):
     arg("--decode-timestep", type=float, help="latent presets: the decode timestep of a timestep-conditioned "
         "VAE (default 0.05, noise 0.025)")
     arg("--decode-noise-scale", type=float, help="latent presets: noise mixed in (default: the timestep)")
-    arg("--raw", action="store_true", help="sample the raw weights instead of the EMA")
     arg("--seed", type=int, default=0, help="sampling seed")
     arg("--out", help="output folder (default: the checkpoint's)")
     arg("--device", help="cpu, cuda, cuda:1... (default: cuda when there is a GPU)")
     return p.parse_args(argv)
 
 
+def check_numbers(args):
+    """Every number a user gives, within the bounds outside which a run is meaningless or endless."""
+    bounds = {"num": (1, 1e7), "batch_size": (1, 1e6), "steps": (1, 1e4), "max_reveal_prob": (1e-3, 1),
+              "rate_guidance": (0, 100), "cfg": (0, 100), "gamma": (0.01, 100), "fps": (0.1, 1000),
+              "decode_timestep": (0, 1), "anchors": (0, 2), "prefix": (2, min(toy_data.LENGTHS) // 2)}
+    for name, (lo, hi) in bounds.items():  # anchors, prefix: what training shows
+        if (value := getattr(args, name)) is not None and not lo <= value <= hi:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [{lo:g}, {hi:g}], got {value}")
+
+
 def load_model(args):
     """-> (model, config, label); a one-line error for what the checkpoint cannot do."""
     ckpt, cfg = fc.load_checkpoint(args.ckpt)
-    if cfg.attention == "flex" and args.device.type != "cuda":  # the same rule as a dense mask
-        cfg = dataclasses.replace(cfg, attention="sdpa")
     if args.task != "uncond" and not fc.parse_tasks(cfg.tasks).get(args.task):
         raise ValueError(f"{args.ckpt} was trained on tasks {cfg.tasks!r}, not {args.task!r} (see --tasks)")
     if (args.rate_guidance != 1 or args.cfg != 1) and cfg.cond_dropout == 0:
         raise ValueError(f"guidance needs a model trained with conditioning dropout: {args.ckpt} has none")
     model = fc.build_model(cfg)
-    model.load_state_dict(ckpt["model" if args.raw else "ema"])
+    model.load_state_dict(ckpt["ema"])
     args.data_info = ckpt.get("data") or {}  # the latents' VAE and fps
     return model.to(args.device).eval(), cfg, f"{ckpt['preset']} step {ckpt['step']}"
 
 
 def context_frames(args, cfg):
     """-> context frames (N, A, C, H, W) or None, and the lengths of their source videos (or None): cut
-    from held-out toy videos, or read from --context."""
-    N, shape, shortest = args.num, (cfg.channels, cfg.height, cfg.width), min(toy_data.LENGTHS)
-    if not 0 <= args.anchors <= 2:
-        raise ValueError(f"--anchors must be 0, 1 or 2 (training shows at most 2), got {args.anchors}")
-    if not 2 <= args.prefix <= shortest // 2:
-        raise ValueError(f"--prefix must be in [2, {shortest // 2}] (as in training), got {args.prefix}")
+    from held-out toy videos, or from a latent file (--context: its first frame, first frames, or first
+    and last frame)."""
+    N = args.num
     if args.task == "uncond":
         return None, None
     if args.context is not None:
-        if not os.path.isfile(args.context):
-            raise ValueError(f"context file {args.context} does not exist")
-        try:
-            frames = torch.load(args.context, weights_only=True)
-        except Exception as e:
-            raise ValueError(f"context file {args.context} is not readable ({fc.why(e)})") from None
-        if isinstance(frames, dict):  # a latent file: its first frame, first clip or first and last frame
-            z = fc.load_latents(args.context)
-            frames = {"i2v": z[:1], "extend": z[: args.prefix], "interp": z[[0, -1]]}[args.task]
-        ok = isinstance(frames, torch.Tensor) and frames.ndim in (4, 5) and frames.shape[-3:] == shape
-        frames = frames.expand(N, *frames.shape) if ok and frames.ndim == 4 else frames
-        if not ok or len(frames) != N or frames.shape[1] < (2 if args.task == "interp" else 1):
-            raise ValueError(f"{args.context}: context frames must be (A, {', '.join(map(str, shape))}) or "
-                             f"({N}, A, ...), A >= 1 (interp: >= 2)")
-        if not frames.isfinite().all():
-            raise ValueError(f"context file {args.context} holds NaN or inf")
-        return frames[:, :1].float() if args.task == "i2v" else frames.float(), None
+        z = fc.load_latents(args.context, cfg.channels, (cfg.height, cfg.width))[0]
+        if len(z) < max(2, args.prefix):
+            raise ValueError(f"{args.context} has {len(z)} latent frames, fewer than {max(2, args.prefix)}")
+        z = {"i2v": z[:1], "extend": z[: args.prefix], "interp": z[[0, -1]]}[args.task]
+        return z.expand(N, *z.shape), None
     if cfg.data != "toy":
-        raise ValueError(f"{args.ckpt} is a latent preset: give the context latents with --context FILE")
+        raise ValueError(f"{args.ckpt} is a latent preset: give the context with --context LATENT_FILE")
     videos, lengths = toy_data.sample_toy_videos(N, torch.Generator().manual_seed(HELD_OUT + args.seed))
     if args.task != "interp":
         return videos[:, : 1 if args.task == "i2v" else args.prefix], lengths
@@ -113,15 +99,19 @@ def context_frames(args, cfg):
     return videos[torch.arange(N)[:, None], index], lengths  # the first frame, evenly spaced ones, the last
 
 
-class FlopCounter:
-    """The model, counting the FLOPs of each call over every video's real frames (fc.forward_flops)."""
-
-    def __init__(self, model, cfg):
-        self.model, self.cfg, self.flops = model, cfg, 0.0
-
-    def __call__(self, x_t, t, mask, cond):
-        self.flops += sum(fc.forward_flops(self.cfg, n) for n in mask.sum(dim=1).tolist())
-        return self.model(x_t, t, mask, cond)
+def baseline_lengths(args, cfg, frames, source_lengths):
+    """--full-sequence: a length per video, --length, the context's own video's or the data law's."""
+    if args.task == "interp":
+        raise ValueError("the full-sequence baseline needs every gap's length: not interp")
+    if cfg.data != "toy" and not args.length:
+        raise ValueError("the full-sequence baseline of a latent preset needs --length")
+    law = toy_data.sample_toy_videos(args.num, torch.Generator().manual_seed(HELD_OUT + args.seed))[1]
+    lengths = source_lengths if source_lengths is not None else law
+    lengths = torch.full((args.num,), args.length) if args.length else lengths
+    given = 0 if frames is None else frames.shape[1]  # context frames
+    if (lengths <= given).any() or lengths.max() > args.max_frames:
+        raise ValueError(f"--length must be in [{given + 1}, {args.max_frames}], got {args.length}")
+    return lengths
 
 
 def generate_all(model, args, cfg, frames, lengths=None):
@@ -134,8 +124,8 @@ def generate_all(model, args, cfg, frames, lengths=None):
     index, A, B = torch.arange(args.num), 0 if frames is None else frames.shape[1], args.batch_size
     if lengths is None:
         jobs = [(rows, cfg.n_start if frames is None else 1) for rows in index.split(B)]
-    else:  # every frame takes exactly `steps` steps (main sets max_reveal_prob = 1); no rate to guide
-        model, kwargs["rate_guidance"] = fc.full_sequence(model), 1.0
+    else:  # every frame takes exactly `steps` steps: max_reveal_prob 1, and no rate to guide
+        model, kwargs["max_reveal_prob"], kwargs["rate_guidance"] = fc.full_sequence(model), 1.0, 1.0
         jobs = [(rows, n - A) for n in lengths.unique().tolist() for rows in index[lengths == n].split(B)]
     samples = [None] * args.num
     for rows, n_start in tqdm(jobs, desc="sampling", unit="batch"):
@@ -161,19 +151,10 @@ def print_histogram(lengths, width=50):
         print(f"{n:6d} | {''.join(bar).rstrip():<{width + 1}} {counts[n].item():5d}")
 
 
-def save_pictures(samples, lengths, out, label):
+def draw_videos(samples, path):
+    """Figures 5/6: 8 videos, frames left to right, the 3 pixels stacked and a row for the insertion time."""
     if (plt := fc.pyplot()) is None:
         return
-    P, hi = toy_data.length_probs(), max(int(lengths.max()), max(toy_data.LENGTHS))
-    fig, ax = plt.subplots(figsize=(7, 3))  # Figure 10: the length histogram, generated vs data
-    ax.bar(range(hi + 1), torch.bincount(lengths, minlength=hi + 1) / len(lengths), label=label)
-    ax.bar(range(len(P)), P, color="none", edgecolor="black", label="data")
-    ax.set(xlabel="video length (frames)", ylabel="fraction of videos", title="Video length matching")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "lengths.png"), dpi=120)
-    plt.close(fig)
-    # Figures 5/6: 8 videos, frames left to right: the 3 pixels stacked, then a row for the insertion time
     videos, cmap = samples[:8], plt.get_cmap("viridis")
     img = torch.ones(5 * len(videos), max(len(s.frames) for s in videos), 3)  # rows: 3 pixels, time, gap
     for r, s in enumerate(videos):
@@ -187,16 +168,15 @@ def save_pictures(samples, lengths, out, label):
     ax.set(xlabel="frame", yticks=[], title="Sampled toy videos (3 pixels per frame; bar: insertion time)")
     fig.colorbar(plt.cm.ScalarMappable(cmap=cmap), ax=ax, label="insertion time tau_g", fraction=0.03)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "videos.png"), dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    print(f"wrote {os.path.join(out, 'lengths.png')} and {os.path.join(out, 'videos.png')}")
+    print(f"wrote {path}")
 
 
 def latent_vae(args):
     """The VAE that decodes a latent preset's samples: the one its training latents came from (or --vae,
-    which must be the same VAE: the same fingerprint), and the fps of its training clips (or --fps)."""
-    info = args.data_info
-    name = args.vae or info.get("vae")
+    which must be the same: the same fingerprint), and the fps of its training clips (or --fps)."""
+    info, name = args.data_info, args.vae or args.data_info.get("vae")
     if name is None:
         raise ValueError(f"{args.ckpt} does not say which VAE made its latents: pass --vae")
     vae = fc.load_vae(name, args.device)
@@ -208,27 +188,10 @@ def latent_vae(args):
     return vae
 
 
-def write_latent_videos(samples, out, args, vae):
-    """Latent presets: decode every sample through the LTX VAE, one clip at a time, into an mp4."""
-    os.makedirs(os.path.join(out, "videos"), exist_ok=True)
-    for i, s in enumerate(tqdm(samples, desc="decoding")):
-        pixels = fc.decode_latents(vae, s.frames, args.decode_timestep, args.decode_noise_scale)
-        pixels = ((pixels + 1) * 127.5).round().to(torch.uint8)
-        fc.write_video(os.path.join(out, "videos", f"sample_{i:04d}.mp4"), pixels, args.fps)
-    print(f"wrote {len(samples)} mp4s at {args.fps:g} fps to {os.path.join(out, 'videos')}")
-
-
 def main(argv=None):
     args = parse_args(argv)
     try:
-        numbers = {"--num": (args.num, 1, 10**7), "--batch-size": (args.batch_size, 1, 10**6),
-                   "--steps": (args.steps, 1, 10_000), "--max-reveal-prob": (args.max_reveal_prob, 1e-3, 1),
-                   "--rate-guidance": (args.rate_guidance, 0, 100), "--cfg": (args.cfg, 0, 100),
-                   "--gamma": (args.gamma or 1, 0.01, 100), "--fps": (args.fps or 1, 0.1, 1000),
-                   "--decode-timestep": (args.decode_timestep or 0, 0, 1)}
-        for flag, (value, lo, hi) in numbers.items():  # beyond these bounds a run is meaningless or endless
-            if not lo <= value <= hi:
-                raise ValueError(f"{flag} must be in [{lo}, {hi}], got {value}")
+        check_numbers(args)
         args.device = fc.get_device(args.device)
         model, cfg, label = load_model(args)
         if cfg.full_sequence and not args.full_sequence:
@@ -237,53 +200,43 @@ def main(argv=None):
         args.gamma = cfg.gamma if args.gamma is None else args.gamma
         args.max_frames = args.max_frames or (2 if cfg.data == "toy" else 1) * cfg.max_frames
         frames, source_lengths = context_frames(args, cfg)
-        lengths = None
-        if args.full_sequence:  # a length per video: --length, the context's own video, or the data law
-            if args.task == "interp":
-                raise ValueError("the full-sequence baseline needs every gap's length: not interp")
-            if cfg.data != "toy" and not args.length:
-                raise ValueError("the full-sequence baseline of a latent preset needs --length")
-            law = toy_data.sample_toy_videos(args.num, torch.Generator().manual_seed(HELD_OUT + args.seed))[1]
-            lengths = source_lengths if source_lengths is not None else law
-            lengths = torch.full((args.num,), args.length) if args.length else lengths
-            given = 0 if frames is None else frames.shape[1]  # context frames
-            if (lengths <= given).any() or lengths.max() > args.max_frames:
-                raise ValueError(f"--length must be in [{given + 1}, {args.max_frames}], got {args.length}")
-            args.max_reveal_prob = 1.0
+        lengths = baseline_lengths(args, cfg, frames, source_lengths) if args.full_sequence else None
+        args.max_reveal_prob = 1.0 if args.full_sequence else args.max_reveal_prob
         out = args.out or os.path.dirname(args.ckpt) or "."
-        if os.path.exists(out) and not os.path.isdir(out):
-            raise ValueError(f"--out {out} is a file, not a folder")
         os.makedirs(out, exist_ok=True)
         vae = latent_vae(args) if cfg.data != "toy" else None  # fail before sampling
-        counted, t0 = FlopCounter(model, cfg), time.time()
-        samples = generate_all(counted, args, cfg, frames, lengths)
+        t0 = time.time()
+        samples = generate_all(model, args, cfg, frames, lengths)
         lengths = torch.tensor([len(s.frames) for s in samples])
-        nfe = torch.tensor([s.nfe for s in samples]).float()
-        baseline = ", full sequence" if args.full_sequence else ""
-        print(f"{label}: {args.num} videos, task {args.task}{baseline}, "
+        nfe = torch.tensor([s.nfe for s in samples])
+        print(f"{label}: {args.num} videos, task {args.task}{' (full sequence)' * args.full_sequence}, "
               f"{args.sampler}, {args.steps} steps, max_reveal_prob {args.max_reveal_prob}, guidance "
-              f"{args.rate_guidance}/{args.cfg}, gamma {args.gamma} | NFE per video {nfe.mean():.0f}, "
-              f"{counted.flops / args.num / 1e9:.4g} GFLOP per video, {time.time() - t0:.0f} s")
-        result = {"lengths": lengths, "insert_time": [s.insert_time for s in samples], "nfe": nfe.long(),
+              f"{args.rate_guidance}/{args.cfg}, gamma {args.gamma} | NFE per video "
+              f"{nfe.float().mean():.0f}, {time.time() - t0:.0f} s")
+        result = {"lengths": lengths, "insert_time": [s.insert_time for s in samples], "nfe": nfe,
                   "frames": [s.frames for s in samples], "context": [s.context for s in samples],
                   "source_lengths": source_lengths}
-        if cfg.data != "toy":
-            torch.save(result, os.path.join(out, "samples.pt"))
-            return write_latent_videos(samples, out, args, vae)
+        torch.save(result, os.path.join(out, "samples.pt"))
+        for i, s in enumerate(tqdm(samples, desc="decoding") if vae else []):  # latents: one clip at a time
+            pixels = fc.decode_latents(vae, s.frames, args.decode_timestep, args.decode_noise_scale)
+            os.makedirs(os.path.join(out, "videos"), exist_ok=True)
+            path = os.path.join(out, "videos", f"sample_{i:04d}.mp4")
+            fc.write_video(path, ((pixels + 1) * 127.5).round().to(torch.uint8), args.fps)
+        if vae:
+            return print(f"wrote {args.num} mp4s at {args.fps:g} fps to {os.path.join(out, 'videos')}")
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     print_histogram(lengths)
     m = toy_data.length_metrics(lengths)
     print(f"length TV {m['tv']:.3f} | within +-1 of a mode {m['within1']:.1%} | mode-binned TV "
-          f"{m['binned_tv']:.3f} | mean length {lengths.float().mean():.2f} | "
-          f"refused {sum(s.refused for s in samples)}")
+          f"{m['binned_tv']:.3f} | mean length {lengths.float().mean():.2f} | refused "
+          f"{sum(s.refused for s in samples)}")
     data = toy_data.sample_toy_videos(args.num, torch.Generator().manual_seed(HELD_OUT - 1))
     rough = [torch.tensor([toy_data.roughness(v) for v in videos]).mean() for videos in
              ([s.frames for s in samples], [v[:n] for v, n in zip(*data)])]
     print(f"roughness of the outer pixels {rough[0]:.4f} (data {rough[1]:.4f})")
     torch.save({**result, "metrics": m}, os.path.join(out, "samples.pt"))
-    print(f"wrote {os.path.join(out, 'samples.pt')}")
-    save_pictures(samples, lengths, out, label)
+    draw_videos(samples, os.path.join(out, "videos.png"))
 
 
 if __name__ == "__main__":

@@ -1,17 +1,15 @@
 """Train Flowception.
 
-    python train.py                                    # the 3-pixel toy: about 3 minutes on 2 CPU cores
-    python train.py --preset toy_tasks                 # every task: i2v, interpolation, continuation
+    python train.py                                    # the 3-pixel toy on a CPU, a few minutes
     python train.py --resume                           # continue out/<preset>/ckpt.pt
     torchrun --standalone --nproc_per_node=2 train.py  # data parallel: gloo on CPU, nccl on CUDA
-    python train.py --encode-videos videos/ --preset taichi256 --out data/taichi256   # mp4s -> LTX latents
+    python train.py --encode-videos videos/ --preset taichi256 --out data/taichi256   # videos -> LTX latents
     torchrun --nproc_per_node=8 train.py --preset taichi256 --data data/taichi256
-    python train.py --preset taichi256 --data synthetic --steps 20 --ckpt-every 0   # speed, memory, MFU
 
-One code path for 1..N processes. Every process builds the same global batch from the shared data
-stream and trains on its share of the videos, in --grad-accum micro-batches, each packed into rows of
---pack frames. The losses are normalised by the counts of the GLOBAL batch, so N processes x k
-micro-batches compute exactly the loss and the gradient of one process on the whole batch.
+One code path for 1..N processes: each builds the same global batch from the shared data stream and
+trains on its share of the videos, in --grad-accum micro-batches, packed into rows of --pack frames. The
+losses are normalised by the GLOBAL batch's counts: N processes x k micro-batches compute exactly the
+loss and gradient of one process on the whole batch.
 """
 import argparse
 import contextlib
@@ -20,7 +18,6 @@ import dataclasses
 import datetime
 import fcntl
 import gc
-import glob
 import json
 import math
 import os
@@ -30,6 +27,7 @@ import time
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint import state_dict as dcp
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 import flowception as fc
@@ -50,10 +48,8 @@ def parse_args(argv=None):
     arg("--out", help="run folder (default out/<preset>)")
     arg("--resume", action="store_true", help="continue from <out>/ckpt.pt")
     arg("--device", help="cpu, cuda, cuda:1... (default: cuda when there is a GPU)")
-    arg("--timeout", type=float, default=10, help="minutes a process waits for the others before a stalled "
-        "run stops (rank 0 writing a 26 GB checkpoint must fit)")
-    arg("--data", help="toy: the 3-pixel videos; synthetic: random full-length clips of the preset's shape "
-        "(speed and memory); else a folder of latent files")
+    arg("--timeout", type=float, default=10, help="minutes to wait for a stalled process (a 26 GB save fits)")
+    arg("--data", help="toy; synthetic (random clips: speed, memory); or a folder of latent files")
     arg("--encode-videos", metavar="DIR", help="instead: encode the videos of DIR into latent files in --out")
     arg("--vae", default="Lightricks/LTX-Video-0.9.5", help="hub id or folder of the LTX VAE (diffusers)")
     arg("--peak-tflops", type=float, help="one device's peak TFLOP/s, for MFU (default: 989 on H100/H200)")
@@ -64,7 +60,6 @@ def parse_args(argv=None):
     arg("--checkpointing", action=flag, help="activation checkpointing: recompute each block in backward")
     arg("--fsdp", action=flag, help="shard parameters, gradients, optimizer state and EMA per block (FSDP2)")
     arg("--compile", action=flag, help="torch.compile every block")
-    arg("--attention", choices=("sdpa", "flex"), help="sdpa: a dense mask; flex: FlexAttention (CUDA)")
     arg("--lr", type=float, help="peak learning rate (AdamW)")
     arg("--warmup", type=int, help="linear warm-up steps, then cosine decay to lr / 10")
     arg("--seed", type=int, help="seed of the init and of the data stream")
@@ -73,8 +68,7 @@ def parse_args(argv=None):
     arg("--depth", type=int, help="DiT blocks")
     arg("--heads", type=int, help="attention heads")
     arg("--window", type=int, help="attention within +-window frames (0: the whole video)")
-    arg("--no-count-embedding", dest="count_embedding", action="store_false", default=None,
-        help="the paper's DiT: no embedding of the frame count (see fc.Config)")
+    arg("--count-embedding", action=flag, help="embed the frame count; --no-count-embedding: the paper's DiT")
     arg("--kappa", choices=fc.KAPPAS, help="insertion scheduler")
     arg("--n-start", type=int, help="frames present at tau_g = 0")
     arg("--tau-density", choices=fc.TAU_DENSITIES, help="law of the global time tau_g on [0, 2)")
@@ -92,8 +86,8 @@ def parse_args(argv=None):
 def make_config(args, base=None):
     """The preset (or a resumed run's config) with every flag given applied; fc.Config checks the values."""
     base = base or fc.PRESETS[args.preset]
-    given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(fc.Config)}
-    given = {k: v for k, v in given.items() if v is not None}
+    names = [f.name for f in dataclasses.fields(fc.Config)]
+    given = {k: v for k in names if (v := getattr(args, k, None)) is not None}
     shape = ("channels", "height", "width", "patch", "dim", "depth", "heads", "mlp_ratio", "count_embedding")
     changed = [k for k in shape if k in given and given[k] != getattr(base, k)]
     if args.resume and changed:
@@ -149,12 +143,9 @@ FULL = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered 
 
 
 def save_checkpoint(path, model, ema, opt, step, cfg, preset, data_rng, data_info):
-    """One flat dict of full (gathered) tensors and plain data, written atomically by rank 0.
-
+    """One flat dict of full (gathered) tensors and plain data, written by rank 0; every process calls it.
     Gathered, not sharded: one file that loads with torch.load(weights_only=True) anywhere and resumes on
-    any number of processes, with or without FSDP2 (26 GB for taichi256). Every process must call this.
-    data_info: the latents' fps and VAE (LatentFolder.info), which sample.py decodes with.
-    """
+    any number of processes (26 GB for taichi256). data_info: the latents' fps and VAE (sample.py's)."""
     ckpt = {name: dcp.get_model_state_dict(m, options=FULL) for name, m in (("model", model), ("ema", ema))}
     ckpt |= {"optimizer": dcp.get_optimizer_state_dict(model, opt, options=FULL), "step": step,
              "preset": preset, "config": dataclasses.asdict(cfg), "data_rng": data_rng.get_state(),
@@ -173,9 +164,8 @@ def save_checkpoint(path, model, ema, opt, step, cfg, preset, data_rng, data_inf
 
 
 def claim_folder(out, resume):
-    """Rank 0 makes sure this run destroys nothing: a lock refuses a second live run on the folder (the OS
-    releases it however this process ends), a new run never starts where a checkpoint is, and a stale
-    ckpt.pt.tmp of a killed run goes. Returns the lock; closing it releases the folder."""
+    """Rank 0 makes sure this run destroys nothing: a lock (released when closed or when the process ends)
+    refuses a second live run, a new run never starts where a checkpoint is; a killed run's .tmp goes."""
     os.makedirs(out, exist_ok=True)
     lock = open(os.path.join(out, ".lock"), "w")
     try:
@@ -192,8 +182,7 @@ def claim_folder(out, resume):
 
 
 def log_rows(path, last):
-    """The rows of a run's log.jsonl up to step `last`, which a resumed run keeps; a line torn by a kill
-    is dropped."""
+    """The rows of a run's log.jsonl up to step `last` (a resumed run keeps them); a torn line is dropped."""
     rows = []
     for line in open(path) if os.path.exists(path) else []:
         try:
@@ -238,10 +227,8 @@ def encode_videos(src, out, vae_name, device, cfg):
 
 def plot_log(log_path, png):
     """The losses and the gradient norm of every step, from log.jsonl (when matplotlib is there)."""
-    plt = fc.pyplot()
-    if plt is None or not os.path.exists(log_path):
+    if (plt := fc.pyplot()) is None or not (rows := log_rows(log_path, math.inf)):
         return
-    rows = log_rows(log_path, math.inf)
     fig, ax = plt.subplots(figsize=(7, 3))
     for key in ("velocity", "rate", "grad_norm"):
         ax.plot([r["step"] for r in rows], [r.get(key, math.nan) for r in rows], label=key, linewidth=0.8)
@@ -252,15 +239,16 @@ def plot_log(log_path, png):
     plt.close(fig)
 
 
-def global_batch(cfg, kappa, data_rng, dataset=None):
+def global_batch(cfg, kappa, data_rng, clips=None):
     """The step's whole batch, built on the CPU from the shared data stream (the same on every process)."""
     # 1. clean videos, padded, and their lengths
     B, F = cfg.batch_size, cfg.max_frames
     if cfg.data == "toy":
         x_1, lengths = toy_data.sample_toy_videos(B, data_rng)
         x_1 = x_1[:, : int(lengths.max())]
-    elif dataset is not None:  # latent clips, drawn with replacement
-        x_1, lengths = dataset.batch(torch.randint(len(dataset.clips), (B,), generator=data_rng))
+    elif clips:  # latent clips, drawn with replacement, zero-padded
+        chosen = [clips[i] for i in torch.randint(len(clips), (B,), generator=data_rng).tolist()]
+        x_1, lengths = pad_sequence(chosen, batch_first=True), torch.tensor([len(c) for c in chosen])
     else:  # synthetic: the longest clips the preset allows
         x_1 = torch.randn(B, F, cfg.channels, cfg.height, cfg.width, generator=data_rng)
         lengths = torch.full((B,), F)
@@ -274,27 +262,22 @@ def global_batch(cfg, kappa, data_rng, dataset=None):
 
 def pack_batch(batch, capacity):
     """A padded TrainingBatch (one video per row) -> the same frames in rows of `capacity` frames (at least
-    the longest video), several videos to a row, placed first-fit decreasing. `video` tags each frame with
-    its video's index in the batch, so the model's attention stays within a video; the losses only sum
-    over frames and are unchanged, but the model runs on fewer padding frames."""
+    the longest video), several videos to a row, first-fit decreasing. `video` tags each frame with its
+    video's index, so attention stays within a video; the losses only sum over frames: unchanged."""
     lengths = batch.mask.sum(dim=1).tolist()
-    capacity = max(capacity, max(lengths))
-    rows, room = [], []  # the videos of each row, and its free frames
-    for b in sorted(range(len(lengths)), key=lambda b: -lengths[b]):
-        r = next((r for r, free in enumerate(room) if free >= lengths[b]), len(rows))
-        if r == len(rows):
-            rows.append([])
-            room.append(capacity)
-        rows[r].append(b)
-        room[r] -= lengths[b]
+    capacity, rows = max(capacity, max(lengths)), []  # rows: the videos each holds
+    for b in sorted(range(len(lengths)), key=lambda b: -lengths[b]):  # the longest first, into the first row
+        row = next((row for row in rows if sum(lengths[i] for i in row) + lengths[b] <= capacity), None)
+        if row is None:
+            rows.append(row := [])
+        row.append(b)
     # packed frame [r, f] is frame src_f[r, f] of video src_b[r, f]; -1: padding
     src_b = torch.full((len(rows), capacity), -1, dtype=torch.long, device=batch.mask.device)
     src_f = torch.zeros_like(src_b)
     for r, row in enumerate(rows):
-        f = 0
-        for b in row:
-            src_b[r, f: f + lengths[b]], src_f[r, f: f + lengths[b]] = b, torch.arange(lengths[b])
-            f += lengths[b]
+        n = sum(lengths[b] for b in row)
+        src_b[r, :n] = torch.tensor([b for b in row for _ in range(lengths[b])])
+        src_f[r, :n] = torch.cat([torch.arange(lengths[b]) for b in row])
 
     def move(v):  # (B, F', ...) -> (R, capacity, ...): each packed frame's source; zero (False) on padding
         real = (src_b >= 0).view(*src_b.shape, *[1] * (v.dim() - 2))
@@ -344,13 +327,6 @@ def train_flops(cfg, batch):
     return 3 * sum(fc.forward_flops(cfg, n) for n in batch.mask.sum(dim=1).tolist())
 
 
-def peak_tflops(args, device):
-    """One device's peak for MFU: --peak-tflops, or 989 TFLOP/s of dense bf16 on an H100 or H200."""
-    if args.peak_tflops or device.type != "cuda":
-        return args.peak_tflops
-    return 989.0 if any(g in torch.cuda.get_device_name(device) for g in ("H100", "H200")) else None
-
-
 def train(args):
     """Check everything a user can get wrong, claim the run folder (claim_folder), then train."""
     out = args.out or os.path.join("out", args.preset)
@@ -369,8 +345,6 @@ def train(args):
     device = fc.get_device(args.device)
     if args.device is None and device.type == "cpu" and args.preset == "taichi256":
         raise ValueError("taichi256 on a CPU takes hours per step: pass --device cpu if you mean it")
-    if cfg.attention == "flex" and device.type != "cuda":
-        raise ValueError("--attention flex needs CUDA: FlexAttention has no CPU backward in this torch")
     if cfg.data == "toy" and (cfg.channels, cfg.height, cfg.width) != toy_data.FRAME_SHAPE:
         raise ValueError(f"--data toy has frames of {toy_data.FRAME_SHAPE}, preset {args.preset} wants "
                          f"{(cfg.channels, cfg.height, cfg.width)}")
@@ -387,8 +361,8 @@ def train(args):
 def run(args, cfg, resumed, device, out):
     """Build the model (and resume it), then train: the numbered steps of the loop."""
     ckpt_path, ckpt = os.path.join(out, "ckpt.pt"), resumed.pop() if resumed else None
-    dataset = fc.LatentFolder(cfg.data, cfg) if cfg.data not in ("toy", "synthetic") else None
-    data_info = dataset.info if dataset else {}
+    latents = cfg.data not in ("toy", "synthetic")
+    clips, data_info = fc.load_latent_folder(cfg.data, cfg) if latents else ([], {})
     if rank == 0:  # the effective config, for the record
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump({"preset": args.preset, **dataclasses.asdict(cfg), "data_info": data_info}, f, indent=1)
@@ -427,12 +401,13 @@ def run(args, cfg, resumed, device, out):
     print0(f"preset {args.preset}: {n_params / 1e6:.2f}M parameters, {cfg.steps} steps of {cfg.batch_size} "
            f"videos on {world_size} x {device.type} ({cfg.grad_accum} micro-batches each; {parallel}"
            f"{', activation checkpointing' if cfg.checkpointing else ''})")
-    peak = peak_tflops(args, device)
+    hopper = device.type == "cuda" and any(g in torch.cuda.get_device_name(device) for g in ("H100", "H200"))
+    peak = args.peak_tflops or (989.0 if hopper else None)  # one device's peak: dense bf16 on an H100 or H200
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0, dynamic_ncols=True)
     t_log, sums, flops, n_logged = time.time(), torch.zeros(3, dtype=torch.float64), 0.0, 0
     for step in bar:
         # 1. the global batch: clean videos, tasks, the training state, noised and stripped (Algorithm 2)
-        batch = global_batch(cfg, kappa, data_rng, dataset)
+        batch = global_batch(cfg, kappa, data_rng, clips)
         # 2. this process's share of the losses and gradients (Eqs. 11, 12)
         opt.zero_grad(set_to_none=True)
         losses = forward_backward(net, model, batch, cfg, kappa, device, autocast)
@@ -451,21 +426,17 @@ def run(args, cfg, resumed, device, out):
         update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
         # 4. log and checkpoint
         sums, flops, n_logged, done = sums + losses, flops + train_flops(cfg, batch), n_logged + 1, step + 1
-        if rank == 0:
-            row = {"step": done, "velocity": losses[0].item(), "rate": losses[1].item(),
-                   "grad_norm": losses[2].item(), "lr": lr}
+        if rank == 0:  # the first row of a run rewrites the log, keeping a resumed run's rows
+            row = dict(zip(("step", "velocity", "rate", "grad_norm", "lr"), [done, *losses.tolist(), lr]))
             with open(log_path, "a" if done > start + 1 else "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in (kept if done == start + 1 else []) + [row])
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
-            seconds = time.time() - t_log
-            tflops = flops / seconds / 1e12
-            velocity, rate, grad_norm = (sums / n_logged).tolist()
-            videos = n_logged * cfg.batch_size / seconds
-            line = (f"step {done:6d} | velocity {velocity:.4f} | rate {rate:.4f} | grad norm {grad_norm:.3f}"
-                    f" | lr {lr:.2e} | {videos:.1f} videos/s, {tflops:.3g} TFLOP/s")
-            line += f", MFU {tflops / peak / world_size:.1%}" if peak else ""
-            memory = torch.cuda.max_memory_allocated(device) / 2**30 if bf16 else 0
-            bar.write(line + (f" | {memory:.1f} GiB" if bf16 else ""))
+            seconds, (velocity, rate, grad_norm) = time.time() - t_log, (sums / n_logged).tolist()
+            tflops, videos = flops / seconds / 1e12, n_logged * cfg.batch_size / seconds
+            bar.write(f"step {done:6d} | velocity {velocity:.4f} | rate {rate:.4f} | grad {grad_norm:.3f}"
+                      f" | lr {lr:.2e} | {videos:.1f} videos/s, {tflops:.3g} TFLOP/s"
+                      + (f", MFU {tflops / peak / world_size:.1%}" if peak else "")
+                      + (f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if bf16 else ""))
             t_log, sums, flops, n_logged = time.time(), torch.zeros(3, dtype=torch.float64), 0.0, 0
         if cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == cfg.steps):
             save_checkpoint(ckpt_path, model, ema, opt, done, cfg, args.preset, data_rng, data_info)
