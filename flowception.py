@@ -2,7 +2,7 @@
 Flowception (arXiv 2512.11438): variable-length video generation that interleaves flow-matching
 denoising of frames with learned frame insertions. Read top to bottom, in the order of the method:
 config -> scheduler kappa -> training state in extended time (Algorithm 2) -> context patterns (tasks)
--> losses -> the DiT -> the sampler (Algorithm 1) -> LTX-Video latents and mp4 -> checkpoints -> FLOPs.
+-> losses -> the DiT -> the sampler (Algorithm 1) -> LTX-Video latents and mp4 -> checkpoints.
 
 time     t = 0 is noise, t = 1 is data: x_t = t x_1 + (1 - t) x_0; the velocity target is x_1 - x_0.
 shapes   B batch, F frames, C channels, H, W height and width, L patch tokens per frame, D model width;
@@ -53,9 +53,9 @@ class Config:
     heads: int = 4
     mlp_ratio: float = 4.0
     window: int = 0  # attention within +-window frames (Figure 8); 0 = the whole video
-    # Not in the paper: an embedding of the current frame count m on every frame's adaLN input. The
-    # exact rate of an uninformative video is a sharp function of m and tau_g (the tests' oracle);
-    # with relative (RoPE) positions only, the toy DiT did not learn to count. False: the paper's DiT.
+    rope_frame_base: float = 100.0  # RoPE frequencies of the frame axis, 1 .. 1/base rad per frame
+    # Not in the paper (False: the paper's DiT): the frame count m embedded into every frame's adaLN input.
+    # The exact rate is a sharp function of m and tau_g; with RoPE alone the toy DiT did not learn to count.
     count_embedding: bool = True
     # Flowception
     kappa: str = "linear"  # a name in KAPPAS
@@ -72,7 +72,6 @@ class Config:
     batch_size: int = 64  # videos per optimizer step, over all processes
     grad_accum: int = 1  # micro-batches per process and step
     pack: int = 0  # rows of this many frames holding several videos each (train.pack_batch); 0: pad
-    compile: bool = False  # torch.compile every block
     checkpointing: bool = False  # activation checkpointing: recompute each block in backward
     fsdp: bool = False  # shard parameters, gradients, optimizer state and EMA per block (FSDP2)
     lr: float = 1e-3
@@ -102,14 +101,12 @@ class Config:
         if self.n_start > self.max_frames:
             raise ValueError(f"n_start {self.n_start} must be <= max_frames {self.max_frames}")
 
-    def make_kappa(self):
-        return KAPPAS[self.kappa]()
-
     @classmethod
     def from_dict(cls, d):
-        """Inverse of dataclasses.asdict, for the configs stored in checkpoints. A config of another version
-        of this code is refused, naming the keys that differ: a default filled in would change the run."""
-        names, d = {f.name for f in fields(cls)}, {k: v for k, v in d.items() if k != "attention"}  # retired
+        """A checkpoint's config; another version's is refused, naming the keys: a default would change it."""
+        retired = ("attention", "compile")  # FlexAttention and torch.compile: their weights load as they are
+        d = {"rope_frame_base": 10_000.0, **{k: v for k, v in d.items() if k not in retired}}  # added since
+        names = {f.name for f in fields(cls)}
         if set(d) != names:
             raise ValueError(f"its config has unknown keys {sorted(set(d) - names)} and lacks "
                              f"{sorted(names - set(d))}: written by another version of this code?")
@@ -117,8 +114,8 @@ class Config:
 
 
 PRESETS = {
-    # the 3-pixel toy videos of Appendix F; 354,506 parameters; about 3 minutes on 2 CPU cores
-    "toy": Config(steps=2000, batch_size=32, lr=2e-3, tau_density="late", pack=30),
+    # the 3-pixel toy videos of Appendix F; 354,506 parameters; 3 minutes on 2 CPU cores
+    "toy": Config(steps=4000, batch_size=32, lr=2e-3, tau_density="late", pack=30),
     # the same toy on every task of Figure 4, with conditioning dropout for guidance; about 7 minutes
     "toy_tasks": Config(steps=3000, batch_size=32, lr=2e-3, tau_density="late", pack=30,
                         tasks="uncond:1,i2v:1,interp:1,extend:1", cond_dropout=0.1),
@@ -207,10 +204,9 @@ TAU_DENSITIES = ("uniform", "logit_normal", "late")
 
 
 def sample_tau_g(n, density="uniform", generator=None, device=None):
-    """Global time tau_g in [0, 2): uniform, logit-normal (2 sigmoid(N(0, 1))) or 'late': half of the draws
-    on [0, 1) with density 1 / (2 sqrt(1 - t)), near tau_g = 1 where the last insertions decide a video's
-    length, half on [1, 2). The density only says how often each time is trained: the law of the state
-    GIVEN tau_g, which the sampler must match, is the same for all."""
+    """Global time tau_g in [0, 2): uniform, logit-normal (2 sigmoid(N(0, 1))) or 'late': half on [0, 1) with
+    density 1 / (2 sqrt(1 - t)), near 1 where the last insertions decide a length, half on [1, 2). The law
+    of the state GIVEN tau_g, which the sampler must match, is the same for all: only how often differs."""
     if density == "uniform":
         return 2 * torch.rand(n, generator=generator, device=device)
     if density == "logit_normal":
@@ -232,10 +228,8 @@ def pending_counts(visible, valid):
 
 def sample_training_state(lengths, kappa=None, n_start=1, tau_g=None, generator=None, tau_density="uniform",
                           context=None, passive=None, full_sequence=False, gamma=1.0):
-    """The extended-time state of a batch of videos of the given lengths (B,): Algorithm 2.
-
-    tau_g: None (drawn from tau_density), or a float or (B,) tensor that fixes it (the tests compare laws
-    at a given time). context, passive: the (B, F) context pattern of each video (sample_context).
+    """The extended-time state of a batch of videos of the given lengths (B,): Algorithm 2. tau_g: None
+    (drawn from tau_density), or a float or (B,) tensor that fixes it. context, passive: (B, F) patterns.
     Start frames have s_i = 0. Without context: frame 0 (nothing is ever inserted left of it) and
     n_start - 1 frames uniform among the others. With context, which always begins a video: one start
     frame, uniform among the free frames before the next context frame; it is the model's clock (its t is
@@ -389,9 +383,8 @@ def sample_context(lengths, tasks="uncond", generator=None):
 
 
 def velocity_loss(v, batch, count=None):
-    """Squared error to x_1 - x_0 on the active frames, mean over ALL active frames of the batch (Eq. 12):
-    a per-video mean biases the model towards under-insertion (Appendix E). count: what to divide by
-    (default: this batch's active frames); train.py passes the global batch's."""
+    """Squared error to x_1 - x_0 on the active frames, mean over ALL of them (Eq. 12; a per-video mean biases
+    towards under-insertion, Appendix E). count: the divisor (train.py: the global batch's active frames)."""
     err = (v.float() - batch.target.float()).pow(2).flatten(2).mean(dim=2)  # (B, F')
     err = torch.where(batch.active, err, 0.0)  # where, not a product: padding may hold inf
     return err.sum() / (batch.active.sum().clamp_min(1) if count is None else count)
@@ -419,8 +412,7 @@ def modulate(x, shift, scale):
 
 
 class TimestepEmbedder(nn.Module):
-    """A scalar -> D: sinusoidal features of scale * value, then an MLP (as in DiT). Scale 1000 for the flow
-    time t in [0, 1], 1 for frame counts."""
+    """A scalar -> D: sinusoidal features of scale * value, then an MLP (DiT's); scale 1 for frame counts."""
 
     def __init__(self, dim, scale=1000.0, freq_dim=256):
         super().__init__()
@@ -434,17 +426,22 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1).to(self.mlp[0].weight.dtype))
 
 
-def rope_split(head_dim):
-    """Head channels per RoPE axis (frame, h, w): each even; h and w get about a third each."""
+def rope_split(head_dim, rows=2, cols=2):
+    """Head channels per RoPE axis (frame, h, w), each even: h and w get about a third each, unless a frame
+    is one patch high (rows = 1) or wide: a constant position rotates nothing, so the frame axis takes
+    those channels (the toy's one-token frames: all of them; with a third each, half of every head was
+    blind to position and the toy's outer pixels twice as rough as the data's)."""
     hw = 2 * (head_dim // 6)
-    return head_dim - 2 * hw, hw, hw
+    h, w = hw * (rows > 1), hw * (cols > 1)
+    return head_dim - h - w, h, w
 
 
-def rope_angles(pos, head_dim, base=10_000.0):
+def rope_angles(pos, head_dim, rows=2, cols=2, frame_base=10_000.0, base=10_000.0):
     """Positions (..., 3) over (frame, h, w) -> rotation angles (..., head_dim / 2), one block per axis."""
     out = []
-    for axis, d in enumerate(rope_split(head_dim)):
-        freqs = base ** (-torch.arange(0, d, 2, device=pos.device, dtype=torch.float32) / d)  # (d/2,)
+    for axis, d in enumerate(rope_split(head_dim, rows, cols)):
+        b = frame_base if axis == 0 else base  # a video has tens of frames: 1/10,000 rad per frame is wasted
+        freqs = b ** (-torch.arange(0, d, 2, device=pos.device, dtype=torch.float32) / d)  # (d/2,)
         out.append(pos[..., axis, None].float() * freqs)
     return torch.cat(out, dim=-1)
 
@@ -558,7 +555,8 @@ class Flowception(nn.Module):
         c = self.t_embedder(t)  # (B, F, D) per-frame conditioning
         if self.count_embedder is not None:  # the number of frames each frame's video has now
             c = c + self.count_embedder((video[:, :, None] == video[:, None, :]).sum(dim=2))  # (B, F, D)
-        angles = rope_angles(self.positions(position).flatten(1, 2), cfg.dim // cfg.heads)  # (B, N, hd/2)
+        pos, grid = self.positions(position).flatten(1, 2), (cfg.height // ph, cfg.width // pw)  # (B, N, 3)
+        angles = rope_angles(pos, cfg.dim // cfg.heads, *grid, cfg.rope_frame_base)  # (B, N, hd/2)
         cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # (B, 1, N, hd/2)
         attn_mask = self.attention_mask(video, position, x.shape[2])
         for block in self.blocks:
@@ -613,10 +611,9 @@ def make_prompt(task, frames, n_start=1):
 
 
 def time_grid(kappa, steps, max_reveal_prob=0.1, floor=1e-4):
-    """The times 0 = tau_0 < tau_1 < ... = 1 at which the sampler evaluates the model before tau_g = 1: steps
-    of h = 1 / steps, or shorter where h would reveal more than max_reveal_prob of the pending frames; once
-    1 - kappa < floor the last step goes to 1. Uniform steps (Algorithm 1, max_reveal_prob = 1) reveal
-    every pending frame at the last step, unseen by the model: that skews the length law (README)."""
+    """The times 0 = tau_0 < tau_1 < ... = 1 of the sampler's steps before tau_g = 1: h = 1 / steps, or less
+    where h would reveal more than max_reveal_prob of the pending frames, then 1 once 1 - kappa < floor.
+    Algorithm 1's uniform steps reveal every pending frame at its last step, unseen: a skewed length law."""
     kap = lambda t: float(kappa.kappa(torch.tensor(t, dtype=torch.float64)))  # noqa: E731
     # at most `steps` steps of h, and capped steps that each shrink 1 - kappa by (1 - cap) to the floor
     capped = math.ceil(math.log(floor) / math.log(1 - max_reveal_prob)) if max_reveal_prob < 1 else 0
@@ -670,9 +667,8 @@ class Sample:
 
 
 def insert_frames(state, n_new, tau_g, max_frames, generator=None):
-    """Insert n_new[b, j] noise frames (t = 0) right after frame j of row b, every slot at once: Algorithm
-    1's ins(X, j, eps) in parallel. Insertions past max_frames are refused (leftmost slots first served);
-    real frames are never evicted."""
+    """Insert n_new[b, j] noise frames (t = 0) right after frame j of row b, every slot at once: Algorithm 1's
+    ins(X, j, eps). Insertions past max_frames are refused (leftmost slots first); no frame is evicted."""
     x, mask = state.x, state.mask
     B, F = mask.shape
     n_new = n_new.long() * mask
@@ -726,8 +722,8 @@ def generate(model, num_videos, frame_shape, kappa=None, n_start=1, steps=100, s
       3. while tau_g < 1, right of every frame that may insert, with p = reveal_prob(tau_g, tau_g + du),
          Poisson(lam_j p) new frames (Appendix B.3, Eq. 34) or, 'bernoulli', one w.p. min(1, lam_j p)
          (Algorithm 1); new frames are N(0, I) noise with t = u = 0;
-      4. tau_g advances along time_grid, then by h = 1 / steps; the loop ends when every frame is clean.
-    max_reveal_prob = 1 is exactly Algorithm 1's uniform grid. Returns a list of Sample.
+      4. tau_g advances along time_grid (max_reveal_prob = 1: Algorithm 1's), then by h = 1 / steps.
+    The loop ends when every frame is clean. Returns a list of Sample.
     """
     kappa = kappa or LinearKappa()
     assert sampler in ("poisson", "bernoulli"), sampler
@@ -806,9 +802,8 @@ LTX_TEMPORAL, LTX_SPATIAL = 8, 32
 
 
 def save_latents(path, z, fps, vae=None):
-    """Normalised latents (F, C, h, w) -> LTX-Video-Trainer's file, written atomically: a dict with the
-    latents packed as (F h w, C) tokens in (frame, row, column) order, the fps, and which VAE made them
-    (vae_identity), without which they cannot be decoded right."""
+    """Normalised latents (F, C, h, w) -> LTX-Video-Trainer's file, atomically: a dict with the latents packed
+    as (F h w, C) tokens in (frame, row, column) order, the fps and the VAE that made them (vae_identity)."""
     F, _, h, w = z.shape
     d = {"latents": rearrange(z.cpu(), "f c h w -> (f h w) c"), "num_frames": F, "height": h, "width": w}
     torch.save({**d, "fps": float(fps), **(vae or {})}, path + ".tmp")
@@ -816,9 +811,8 @@ def save_latents(path, z, fps, vae=None):
 
 
 def load_latents(path, channels=None, size=None):
-    """One latent file -> (F, C, h, w) and its {fps, vae, vae_fingerprint} (None where the file does not
-    say); a one-line error naming the file. Ours and LTX-Video-Trainer's hold packed (F h w, C) latents,
-    LTX-2's trainer (C, F, h, w)."""
+    """One latent file -> (F, C, h, w) and its {fps, vae, vae_fingerprint} (None where it does not say). Ours
+    and LTX-Video-Trainer's hold packed (F h w, C) latents, LTX-2's trainer (C, F, h, w)."""
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
         z = d["latents"].float()
@@ -840,9 +834,8 @@ def load_latents(path, channels=None, size=None):
 
 
 def load_latent_folder(folder, cfg):
-    """Every latent file of a folder (*.pt, recursively, hidden folders such as the trainers'
-    .precomputed/latents too), checked -> the clips, held in memory (Tai-Chi-HD at 256 px: 3,049 clips of
-    at most 19 x 128 x 8 x 8 latents, 0.5 GB), and their fps and VAE, which the checkpoint records."""
+    """Every latent file (*.pt) of a folder and its sub-folders (trainers' .precomputed too), checked -> the
+    clips, held in memory (Tai-Chi-HD at 256 px: 0.5 GB), and their fps and VAE (for the checkpoint)."""
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.endswith(".pt"))
     if not files:
         raise ValueError(f"no latent files (*.pt) in {folder} (encode videos: train.py --encode-videos)")
@@ -865,10 +858,8 @@ def load_latent_folder(folder, cfg):
 
 def load_vae(name_or_path, device="cpu", dtype=torch.float32):
     """diffusers' AutoencoderKLLTXVideo from a hub id or a local folder (with or without a vae/ subfolder)."""
-    try:
-        from diffusers import AutoencoderKLLTXVideo
-    except ImportError:
-        raise ValueError("the LTX VAE needs diffusers: pip install diffusers") from None
+    from diffusers import AutoencoderKLLTXVideo  # optional (requirements-optional.txt): imported where used
+
     if name_or_path.startswith((os.sep, ".")) and not os.path.isdir(name_or_path):
         raise ValueError(f"VAE folder {name_or_path} does not exist")
     sub = None if os.path.isfile(os.path.join(name_or_path, "config.json")) else "vae"
@@ -880,9 +871,8 @@ def load_vae(name_or_path, device="cpu", dtype=torch.float32):
 
 
 def vae_identity(vae, name):
-    """{vae: the hub id or folder it was loaded from, vae_fingerprint: a hash of its config and latent
-    statistics}. Latents decode right only through a VAE of the same fingerprint: 0.9.0, 0.9.1 and 0.9.5
-    differ (the config cannot tell 0.9.5 from 0.9.7, their statistics can)."""
+    """{vae: its hub id or folder, vae_fingerprint: a hash of its config and latent statistics}: latents go
+    right only through a VAE of that fingerprint (0.9.0, 0.9.1, 0.9.5 differ; 0.9.7 by its statistics)."""
     config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
     config = json.dumps(config, sort_keys=True, default=str)
     stats = torch.cat([vae.latents_mean, vae.latents_std]).double().cpu().numpy().tobytes()
@@ -897,9 +887,8 @@ def vae_frames(n):
 
 @torch.no_grad()
 def encode_video(vae, pixels):
-    """pixels (F, 3, H, W) in [-1, 1], sides multiples of 32 -> normalised latents (1 + (F - 1) // 8, 128,
-    H / 32, W / 32). Clips are cut to 1 + 8k frames, never padded. Normalised per channel as diffusers'
-    LTX pipelines do: (z - latents_mean) * scaling_factor / latents_std, from the mean of the posterior."""
+    """pixels (F, 3, H, W) in [-1, 1], sides multiples of 32 -> latents (1 + (F - 1) // 8, 128, H/32, W/32),
+    cut to 1 + 8k frames, normalised as diffusers does: (z - latents_mean) * scaling_factor / latents_std."""
     assert pixels.shape[2] % LTX_SPATIAL == 0 and pixels.shape[3] % LTX_SPATIAL == 0, pixels.shape
     p = next(vae.parameters())
     x = pixels[: vae_frames(len(pixels))].to(p.device, p.dtype).permute(1, 0, 2, 3)[None]  # (1, 3, F', H, W)
@@ -926,22 +915,15 @@ def decode_latents(vae, z, decode_timestep=None, decode_noise_scale=None, genera
     return vae.decode(z, temb).sample[0].permute(1, 0, 2, 3).float().clamp(-1, 1).cpu()  # (F, 3, H, W)
 
 
-def _import_av():
-    try:
-        import av
-    except ImportError:
-        raise ValueError("reading and writing videos needs PyAV: pip install av") from None
-    return av
-
-
 VIDEO_FILES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")
 
 
 def read_video(path, size=None, max_frames=None):
-    """A video file (any ffmpeg reads) -> its first max_frames frames (F, 3, H, W) uint8, decoded no further,
-    and its fps. size (H, W): every frame scaled (bicubic, antialiased) to cover H x W, then centre-cropped,
-    as the LTX trainers prepare their clips."""
-    av, frames = _import_av(), []
+    """A video (any ffmpeg reads) -> its first max_frames frames (F, 3, H, W) uint8 (no more decoded) and fps.
+    size (H, W): each frame scaled (bicubic, antialiased) to cover it, then centre-cropped, as LTX trainers do."""
+    import av  # PyAV, optional: imported where used
+
+    frames = []
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
@@ -966,7 +948,8 @@ def read_video(path, size=None, max_frames=None):
 
 def write_video(path, frames, fps):
     """frames (F, 3, H, W) uint8 -> an H.264 mp4 (yuv420p: plays everywhere)."""
-    av = _import_av()
+    import av
+
     with av.open(path, mode="w") as container:
         stream = container.add_stream("libx264", rate=fractions.Fraction(fps).limit_denominator(1001))
         stream.height, stream.width, stream.pix_fmt = frames.shape[2], frames.shape[3], "yuv420p"
@@ -994,8 +977,7 @@ def pyplot():
 
 
 def load_checkpoint(path):
-    """-> (checkpoint, its Config), every tensor checked; or a one-line error naming what is wrong. Loaded
-    with weights_only=True and mmap (26 GB for taichi256): drop the dict once its tensors are copied."""
+    """-> (checkpoint, its Config), checked; memory-mapped (26 GB for taichi256): drop it once copied."""
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path} does not exist (train one with `python train.py`)")
     try:
@@ -1027,25 +1009,3 @@ def get_device(name):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA GPU")
     return torch.device(name)
-
-
-#################################################################################
-#                         Measurement: FLOPs per video                          #
-#################################################################################
-
-
-def forward_flops(cfg, frames):
-    """Matmul FLOPs of one forward pass over ONE video of `frames` real frames, as torchtitan and nanoGPT
-    count: 2 per parameter per token it touches (blocks: every token; patch embedding and velocity head:
-    patch tokens; adaLN, embeddings, rate head: once per frame), plus 4 D per query-key pair per block.
-    Training is 3x this (forward and backward), recomputation under checkpointing aside."""
-    D, C, (ph, pw) = cfg.dim, cfg.channels, cfg.patch
-    L = (cfg.height // ph) * (cfg.width // pw)  # patch tokens per frame; L + 1 with the rate token
-    hidden = int(D * cfg.mlp_ratio)
-    per_token = cfg.depth * (4 * D * D + 2 * D * hidden)  # qkv, projection, MLP
-    per_patch = 2 * C * ph * pw * D + D * C * ph * pw  # patch embedding (2C channels in), velocity head
-    embedders = (256 * D + D * D) * (1 + cfg.count_embedding)  # time (and count) embedding
-    per_frame = embedders + cfg.depth * 6 * D * D + 2 * D * D + (D * D + D)  # adaLN, final adaLN, rate head
-    w = cfg.window or frames
-    pairs = sum(min(frames, i + w + 1) - max(0, i - w) for i in range(frames)) * (L + 1) ** 2  # query-key
-    return 2 * frames * ((L + 1) * per_token + L * per_patch + per_frame) + 4 * cfg.depth * D * pairs

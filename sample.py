@@ -78,9 +78,8 @@ def load_model(args):
 
 
 def context_frames(args, cfg):
-    """-> context frames (N, A, C, H, W) or None, and the lengths of their source videos (or None): cut
-    from held-out toy videos, or from a latent file (--context: its first frame, first frames, or first
-    and last frame)."""
+    """-> context frames (N, A, C, H, W) or None, and their videos' lengths: from held-out toy videos, or
+    a latent file (--context: its first frame, first frames, or first and last frame)."""
     N = args.num
     if args.task == "uncond":
         return None, None
@@ -106,8 +105,7 @@ def baseline_lengths(args, cfg, frames, source_lengths):
     if cfg.data != "toy" and not args.length:
         raise ValueError("the full-sequence baseline of a latent preset needs --length")
     law = toy_data.sample_toy_videos(args.num, torch.Generator().manual_seed(HELD_OUT + args.seed))[1]
-    lengths = source_lengths if source_lengths is not None else law
-    lengths = torch.full((args.num,), args.length) if args.length else lengths
+    lengths = torch.full((args.num,), args.length) if args.length else law if source_lengths is None else source_lengths
     given = 0 if frames is None else frames.shape[1]  # context frames
     if (lengths <= given).any() or lengths.max() > args.max_frames:
         raise ValueError(f"--length must be in [{given + 1}, {args.max_frames}], got {args.length}")
@@ -117,7 +115,7 @@ def baseline_lengths(args, cfg, frames, source_lengths):
 def generate_all(model, args, cfg, frames, lengths=None):
     """args.num videos, args.batch_size at a time, from the context frames (or none). With lengths: the
     full-sequence baseline, one length per batch, every frame a start frame and nothing inserted."""
-    kwargs = dict(frame_shape=(cfg.channels, cfg.height, cfg.width), kappa=cfg.make_kappa(), steps=args.steps,
+    kwargs = dict(frame_shape=(cfg.channels, cfg.height, cfg.width), kappa=fc.KAPPAS[cfg.kappa](), steps=args.steps,
                   sampler=args.sampler, max_reveal_prob=args.max_reveal_prob, device=args.device,
                   max_frames=args.max_frames, rate_guidance=args.rate_guidance, cfg_scale=args.cfg,
                   gamma=args.gamma, generator=torch.Generator(args.device).manual_seed(args.seed))
@@ -224,18 +222,19 @@ def main(argv=None):
             fc.write_video(path, ((pixels + 1) * 127.5).round().to(torch.uint8), args.fps)
         if vae:
             return print(f"wrote {args.num} mp4s at {args.fps:g} fps to {os.path.join(out, 'videos')}")
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ImportError) as e:  # a user's error, a missing package too: one line
         sys.exit(f"error: {e}")
     print_histogram(lengths)
     m = toy_data.length_metrics(lengths)
     print(f"length TV {m['tv']:.3f} | within +-1 of a mode {m['within1']:.1%} | mode-binned TV "
           f"{m['binned_tv']:.3f} | mean length {lengths.float().mean():.2f} | refused "
           f"{sum(s.refused for s in samples)}")
-    data = toy_data.sample_toy_videos(args.num, torch.Generator().manual_seed(HELD_OUT - 1))
-    rough = [torch.tensor([toy_data.roughness(v) for v in videos]).mean() for videos in
-             ([s.frames for s in samples], [v[:n] for v, n in zip(*data)])]
-    print(f"roughness of the outer pixels {rough[0]:.4f} (data {rough[1]:.4f})")
-    torch.save({**result, "metrics": m}, os.path.join(out, "samples.pt"))
+    q = toy_data.quality([s.frames for s in samples])
+    names = {"one_clean_jump": "one clean jump", "excess": "median excess", "one_big_step": "one step > 0.2",
+             "roughness": "roughness", "closes": "turn closes"}
+    print("content (data): " + " | ".join(f"{n} {q[k]:.3g} ({q['data'][k]:.3g})" for k, n in names.items())
+          + f" | FD {q['fd']:.3g} (data vs data {q['fd_floor']:.3g})")
+    torch.save({**result, "metrics": m, "quality": q}, os.path.join(out, "samples.pt"))
     draw_videos(samples, os.path.join(out, "videos.png"))
 
 

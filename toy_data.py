@@ -1,17 +1,11 @@
-"""The 3-pixel toy videos of Appendix F, and the length metrics of Figure 10.
+"""The 3-pixel toy videos of Appendix F, the length metrics of Figure 10 and the content metrics.
 
-A video has n frames, n uniform over LENGTHS = (15, 20, 25, 30). Each frame is (C, H, W) = (3, 1, 3):
-three RGB pixels in a row, values in [-1, 1]. Per video, independently:
-
-- outer pixels: two colours a, b ~ U([-1, 1]^3) and a start phase phi_0 ~ U(0, 2 pi). Frame f has
-  phase phi_f = phi_0 + 2 pi f / n: exactly ONE rotation over the clip at constant speed, so the
-  speed of the motion tells the length. The two outer pixels are the two ends of a colour gradient
-  between a and b that rotates around a ring through them:
-      left_f  = a + (b - a) (1 + cos phi_f) / 2,      right_f = a + (b - a) (1 - cos phi_f) / 2.
-- middle pixel: grey (all three channels equal), g_0 for frames f < j and g_1 from frame j on, with
-  the jump frame j ~ U{1, ..., n - 1} and g_0, g_1 ~ U(-1, 1): one discrete jump.
-
-Batches are padded to 30 frames with zeros beyond n; the lengths, not the zeros, say what is real.
+A video has n frames, n uniform over LENGTHS; a frame is (C, H, W) = (3, 1, 3): three RGB pixels in
+[-1, 1]. Per video: colours a, b ~ U([-1, 1]^3) and a phase phi_f = phi_0 + 2 pi f / n, phi_0 ~ U(0, 2 pi):
+ONE turn per clip, so the speed of the motion tells the length. The outer pixels are the two ends of a
+colour gradient between a and b that turns around a ring through them: left_f = a + (b - a)(1 + cos
+phi_f) / 2, right_f = a + (b - a)(1 - cos phi_f) / 2. The middle pixel is grey, g_0 before frame j and
+g_1 from it on (j ~ U{1..n-1}, g_0, g_1 ~ U(-1, 1)): one jump. Batches are zero-padded to 30 frames.
 """
 import math
 
@@ -62,20 +56,46 @@ def length_metrics(lengths):
             "binned_tv": float(0.5 * (binned - target).abs().sum())}
 
 
-def roughness(frames):
-    """Temporal roughness of a toy video (F, 3, 1, 3): mean |second difference| of the outer pixels.
-
-    The data's outer pixels turn smoothly (about 0.01 to 0.05); a badly placed or badly denoised frame
-    shows up as a kink. Lower is smoother.
-    """
+def features(frames):
+    """What a toy video (F, 3, 1, 3) should look like, as numbers the data fix: the middle pixel's variation
+    beyond one clean jump (0 in the data) and its steps larger than 0.2 (one, unless g_0 and g_1 are close),
+    the outer pixels' roughness (the mean |second difference|) and the kink where the clip wraps round to
+    its start, beyond that roughness (about 0: one turn per clip, so the frame after the last is frame 0),
+    and the length."""
+    middle = frames[:, :, 0, 1].double().mean(dim=1)  # (F,) the grey level
     outer = frames[:, :, 0, [0, 2]].double()  # (F, 3, 2)
-    return float((outer[2:] - 2 * outer[1:-1] + outer[:-2]).abs().mean()) if len(outer) > 2 else 0.0
+    loop = torch.cat([outer, outer[:2]])  # the clip, then its own start again
+    second = (loop[2:] - 2 * loop[1:-1] + loop[:-2]).abs().mean(dim=(1, 2))  # (F,) the last two: the wrap
+    excess = middle.diff().abs().sum() - (middle[-1] - middle[0]).abs()
+    return torch.stack([excess, (middle.diff().abs() > 0.2).sum(), second[:-2].mean(),
+                        second[-2:].mean() - second[:-2].mean(), torch.tensor(len(frames))]).double()
 
 
-def jump_excess(frames):
-    """How far the middle pixel is from one clean jump: total variation minus |last - first|.
+def summary(f):
+    """Features (N, 5) -> the shares of one clean jump (excess < 0.05), of one big step and of closed turns
+    (kink < 0.05, beyond every data video's), the median excess and the mean roughness."""
+    return {"one_clean_jump": float((f[:, 0] < 0.05).double().mean()), "excess": float(f[:, 0].median()),
+            "one_big_step": float((f[:, 1] == 1).double().mean()), "roughness": float(f[:, 2].mean()),
+            "closes": float((f[:, 3] < 0.05).double().mean())}
 
-    The data's middle pixel is grey g_0, then jumps once to g_1: exactly 0. Wobbles add to it.
-    """
-    middle = frames[:, :, 0, 1].double().mean(dim=1)  # (F,) grey level
-    return float((middle[1:] - middle[:-1]).abs().sum() - (middle[-1] - middle[0]).abs())
+
+def frechet(a, b):
+    """The Frechet distance between Gaussians fitted to the rows of a and b, |mu_a - mu_b|^2 +
+    tr(C_a + C_b - 2 (C_a C_b)^(1/2)), where tr (C_a C_b)^(1/2) = tr (C_a^(1/2) C_b C_a^(1/2))^(1/2)."""
+    ca, cb = a.T.cov(), b.T.cov()
+    w, V = torch.linalg.eigh(ca)
+    root = V @ torch.diag(w.clamp_min(0).sqrt()) @ V.T  # C_a^(1/2)
+    cross = torch.linalg.eigvalsh(root @ cb @ root).clamp_min(0).sqrt().sum()
+    return float((a.mean(0) - b.mean(0)).square().sum() + ca.trace() + cb.trace() - 2 * cross)
+
+
+def quality(videos, seed=1_000_002):
+    """Generated toy videos against as many data videos: the summary of both, and the Frechet distance
+    between their features standardised by the data's spread, beside the distance between two data
+    samples of that size: its noise floor."""
+    data = [sample_toy_videos(len(videos), torch.Generator().manual_seed(seed + k)) for k in (0, 1)]
+    ref, other = (torch.stack([features(v[:n]) for v, n in zip(*d)]) for d in data)
+    gen = torch.stack([features(v) for v in videos])
+    mu, sd = ref.mean(0), ref.std(0).clamp_min(0.05)
+    fd = [frechet((f - mu) / sd, (ref - mu) / sd) for f in (gen, other)]
+    return {**summary(gen), "data": summary(ref), "fd": fd[0], "fd_floor": fd[1]}

@@ -1,15 +1,9 @@
-"""Train Flowception.
-
-    python train.py                                    # the 3-pixel toy on a CPU, a few minutes
-    python train.py --resume                           # continue out/<preset>/ckpt.pt
-    torchrun --standalone --nproc_per_node=2 train.py  # data parallel: gloo on CPU, nccl on CUDA
-    python train.py --encode-videos videos/ --preset taichi256 --out data/taichi256   # videos -> LTX latents
-    torchrun --nproc_per_node=8 train.py --preset taichi256 --data data/taichi256
-
-One code path for 1..N processes: each builds the same global batch from the shared data stream and
-trains on its share of the videos, in --grad-accum micro-batches, packed into rows of --pack frames. The
-losses are normalised by the GLOBAL batch's counts: N processes x k micro-batches compute exactly the
-loss and gradient of one process on the whole batch.
+"""Train Flowception: `python train.py` (the toy, minutes on a CPU), `torchrun --nproc_per_node=8
+train.py --preset taichi256 --data data/taichi256`, `python train.py --encode-videos videos/ --preset
+taichi256 --out data/taichi256` (videos -> LTX latents). One code path for 1..N processes: each builds
+the same global batch from the shared data stream and trains on its share, in --grad-accum
+micro-batches packed into rows of --pack frames; the losses are normalised by the GLOBAL batch's
+counts, so N processes x k micro-batches compute exactly one process's loss and gradient.
 """
 import argparse
 import contextlib
@@ -52,14 +46,12 @@ def parse_args(argv=None):
     arg("--data", help="toy; synthetic (random clips: speed, memory); or a folder of latent files")
     arg("--encode-videos", metavar="DIR", help="instead: encode the videos of DIR into latent files in --out")
     arg("--vae", default="Lightricks/LTX-Video-0.9.5", help="hub id or folder of the LTX VAE (diffusers)")
-    arg("--peak-tflops", type=float, help="one device's peak TFLOP/s, for MFU (default: 989 on H100/H200)")
     arg("--steps", type=int, help="optimizer steps")
     arg("--batch-size", type=int, help="videos per optimizer step, over all processes")
     arg("--grad-accum", type=int, help="micro-batches per process and step")
     arg("--pack", type=int, metavar="FRAMES", help="rows of FRAMES frames, several videos each (0: pad)")
     arg("--checkpointing", action=flag, help="activation checkpointing: recompute each block in backward")
     arg("--fsdp", action=flag, help="shard parameters, gradients, optimizer state and EMA per block (FSDP2)")
-    arg("--compile", action=flag, help="torch.compile every block")
     arg("--lr", type=float, help="peak learning rate (AdamW)")
     arg("--warmup", type=int, help="linear warm-up steps, then cosine decay to lr / 10")
     arg("--seed", type=int, help="seed of the init and of the data stream")
@@ -98,8 +90,7 @@ def make_config(args, base=None):
 
 
 def setup_distributed(device, fsdp=False, timeout=10):
-    """The device of this process (torchrun's LOCAL_RANK on CUDA), and a process group when there are
-    several processes (one waits `timeout` minutes for the others), or for FSDP2 (it needs one even alone)."""
+    """This process's device (LOCAL_RANK's GPU), and a process group for several processes or FSDP2."""
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -112,8 +103,7 @@ def setup_distributed(device, fsdp=False, timeout=10):
 
 
 def shard(model, device):
-    """FSDP2: every block, then the rest, sharded over the processes; on CUDA, compute in bf16 and reduce
-    gradients in fp32 (the sharded parameters, the optimizer state and the EMA stay fp32)."""
+    """FSDP2: every block, then the rest, sharded; on CUDA bf16 compute, fp32 reduction, fp32 master state."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # cast_forward_inputs=False: autocast already computes in bf16, and a cast inside a checkpointed block
@@ -193,9 +183,8 @@ def log_rows(path, last):
 
 
 def encode_videos(src, out, vae_name, device, cfg):
-    """Every video of src (by extension, any ffmpeg reads) -> one latent file per clip in out: its first
-    1 + 8 (max_frames - 1) frames, scaled and centre-cropped to the preset's frame size (its latents x 32),
-    with the fps and the VAE that made it. A video that cannot be used is named, with why."""
+    """Every video of src (any ffmpeg reads) -> a latent file per clip in out (the first 1 + 8 (max_frames - 1)
+    frames, sized to the preset's latents x 32, with its fps and VAE); a video it cannot use is named."""
     if world_size > 1:
         raise ValueError("--encode-videos runs in one process (not under torchrun)")
     videos = sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs
@@ -261,9 +250,8 @@ def global_batch(cfg, kappa, data_rng, clips=None):
 
 
 def pack_batch(batch, capacity):
-    """A padded TrainingBatch (one video per row) -> the same frames in rows of `capacity` frames (at least
-    the longest video), several videos to a row, first-fit decreasing. `video` tags each frame with its
-    video's index, so attention stays within a video; the losses only sum over frames: unchanged."""
+    """A padded TrainingBatch -> the same frames in rows of `capacity` frames (at least the longest video),
+    first-fit decreasing; `video` keeps attention within a video, and the losses, sums over frames, hold."""
     lengths = batch.mask.sum(dim=1).tolist()
     capacity, rows = max(capacity, max(lengths)), []  # rows: the videos each holds
     for b in sorted(range(len(lengths)), key=lambda b: -lengths[b]):  # the longest first, into the first row
@@ -322,11 +310,6 @@ def forward_backward(net, model, batch, cfg, kappa, device, autocast):
     return losses
 
 
-def train_flops(cfg, batch):
-    """Model FLOPs of a training step over the batch's real frames, as nanoGPT's estimate_mfu counts."""
-    return 3 * sum(fc.forward_flops(cfg, n) for n in batch.mask.sum(dim=1).tolist())
-
-
 def train(args):
     """Check everything a user can get wrong, claim the run folder (claim_folder), then train."""
     out = args.out or os.path.join("out", args.preset)
@@ -372,14 +355,11 @@ def run(args, cfg, resumed, device, out):
     with torch.device(device):  # initialise in place: seconds instead of minutes for taichi256 on a GPU
         model = fc.build_model(cfg)
     ema = copy.deepcopy(model).requires_grad_(False)
-    if cfg.compile:  # per block, as torchtitan does: one code for every block, compiled once
-        for block in model.blocks:
-            block.compile()
     if cfg.fsdp:
         shard(model, device)
         shard(ema, device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    kappa = cfg.make_kappa()
+    kappa = fc.KAPPAS[cfg.kappa]()
     start, log_path = 0, os.path.join(out, "log.jsonl")  # one JSON line per step
     if ckpt is not None:
         load = dcp.StateDictOptions(full_state_dict=True)
@@ -396,15 +376,12 @@ def run(args, cfg, resumed, device, out):
     net = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 and not cfg.fsdp else model
     bf16 = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    n_params = sum(p.numel() for p in model.parameters())
     parallel = "FSDP2" if cfg.fsdp else "DDP" if world_size > 1 else "one process"
-    print0(f"preset {args.preset}: {n_params / 1e6:.2f}M parameters, {cfg.steps} steps of {cfg.batch_size} "
-           f"videos on {world_size} x {device.type} ({cfg.grad_accum} micro-batches each; {parallel}"
-           f"{', activation checkpointing' if cfg.checkpointing else ''})")
-    hopper = device.type == "cuda" and any(g in torch.cuda.get_device_name(device) for g in ("H100", "H200"))
-    peak = args.peak_tflops or (989.0 if hopper else None)  # one device's peak: dense bf16 on an H100 or H200
+    print0(f"preset {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+           f"{cfg.steps} steps of {cfg.batch_size} videos on {world_size} x {device.type} ({parallel}, "
+           f"{cfg.grad_accum} micro-batches{', activation checkpointing' if cfg.checkpointing else ''})")
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0, dynamic_ncols=True)
-    t_log, sums, flops, n_logged = time.time(), torch.zeros(3, dtype=torch.float64), 0.0, 0
+    t_log, sums, n_logged = time.time(), torch.zeros(3, dtype=torch.float64), 0
     for step in bar:
         # 1. the global batch: clean videos, tasks, the training state, noised and stripped (Algorithm 2)
         batch = global_batch(cfg, kappa, data_rng, clips)
@@ -425,19 +402,17 @@ def run(args, cfg, resumed, device, out):
         opt.step()
         update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
         # 4. log and checkpoint
-        sums, flops, n_logged, done = sums + losses, flops + train_flops(cfg, batch), n_logged + 1, step + 1
+        sums, n_logged, done = sums + losses, n_logged + 1, step + 1
         if rank == 0:  # the first row of a run rewrites the log, keeping a resumed run's rows
             row = dict(zip(("step", "velocity", "rate", "grad_norm", "lr"), [done, *losses.tolist(), lr]))
             with open(log_path, "a" if done > start + 1 else "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in (kept if done == start + 1 else []) + [row])
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
             seconds, (velocity, rate, grad_norm) = time.time() - t_log, (sums / n_logged).tolist()
-            tflops, videos = flops / seconds / 1e12, n_logged * cfg.batch_size / seconds
-            bar.write(f"step {done:6d} | velocity {velocity:.4f} | rate {rate:.4f} | grad {grad_norm:.3f}"
-                      f" | lr {lr:.2e} | {videos:.1f} videos/s, {tflops:.3g} TFLOP/s"
-                      + (f", MFU {tflops / peak / world_size:.1%}" if peak else "")
+            bar.write(f"step {done:6d} | velocity {velocity:.4f} | rate {rate:.4f} | grad norm {grad_norm:.3f} | "
+                      f"lr {lr:.2e} | {n_logged * cfg.batch_size / seconds:.1f} videos/s"
                       + (f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if bf16 else ""))
-            t_log, sums, flops, n_logged = time.time(), torch.zeros(3, dtype=torch.float64), 0.0, 0
+            t_log, sums, n_logged = time.time(), torch.zeros(3, dtype=torch.float64), 0
         if cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == cfg.steps):
             save_checkpoint(ckpt_path, model, ema, opt, done, cfg, args.preset, data_rng, data_info)
     print0(f"saved {ckpt_path}; sample it with: python sample.py --ckpt {ckpt_path}" if cfg.ckpt_every
@@ -458,7 +433,7 @@ def main(argv=None):
         out = train(args)
         if rank == 0:
             plot_log(os.path.join(out, "log.jsonl"), os.path.join(out, "loss.png"))
-    except (ValueError, OSError) as e:  # a user's error: one line, once (rank 0); every process exits 1
+    except (ValueError, OSError, ImportError) as e:  # a user's error: one line, once (rank 0); all exit 1
         sys.exit(f"error: {e}" if rank == 0 else 1)
 
 
