@@ -105,6 +105,8 @@ class Config:
     def from_dict(cls, d):
         """A checkpoint's config; another version's is refused, naming the keys: a default would change it."""
         retired = ("attention", "compile")  # FlexAttention and torch.compile: their weights load as they are
+        if "rope_frame_base" not in d and 1 in (d["height"] // d["patch"][0], d["width"] // d["patch"][1]):
+            raise ValueError("it is older than the RoPE fix of one-patch frame axes (e569234): retrain it")
         d = {"rope_frame_base": 10_000.0, **{k: v for k, v in d.items() if k not in retired}}  # added since
         names = {f.name for f in fields(cls)}
         if set(d) != names:
@@ -122,8 +124,7 @@ PRESETS = {
     # the latent path end to end on a CPU: LTX latents of 64 px clips (2x2, up to 65 frames), tiny DiT
     "latent_tiny": Config(data="latents", channels=128, height=2, width=2, max_frames=9, patch=(1, 1),
                           dim=64, depth=2, heads=4, steps=200, batch_size=8, lr=1e-3, warmup=20, pack=9),
-    # the paper's 256 px Tai-Chi config over 128-channel LTX latents at 8x8: 1,627,827,073 parameters
-    # (the paper's "2.1B" adds a joint-attention text stream and a SwiGLU MLP, see README)
+    # the paper's 256 px Tai-Chi config over 128-channel LTX latents at 8x8: 1,627,827,073 parameters (README)
     "taichi256": Config(data="latents", channels=128, height=8, width=8, max_frames=19, patch=(1, 1),
                         dim=1536, depth=38, heads=24, batch_size=8, lr=1e-4, warmup=1000, steps=300_000,
                         tau_density="logit_normal", ema_decay=0.9999, pack=19, fsdp=True, checkpointing=True),
@@ -149,19 +150,6 @@ class Kappa:
         return torch.where(k0 < 1, (k1 - k0) / (1 - k0).clamp_min(1e-30), 1.0)
 
 
-class LinearKappa(Kappa):
-    """kappa(t) = t, the paper's default: insertion times are uniform on [0, 1]."""
-
-    def kappa(self, t):
-        return torch.as_tensor(t) * 1.0
-
-    def dkappa(self, t):
-        return torch.ones_like(torch.as_tensor(t) * 1.0)
-
-    def inverse(self, u):
-        return torch.as_tensor(u) * 1.0
-
-
 @dataclass(frozen=True)
 class PolyKappa(Kappa):
     """kappa(t) = t^p: p > 1 inserts late (most frames appear near t = 1), p < 1 early."""
@@ -176,6 +164,13 @@ class PolyKappa(Kappa):
 
     def inverse(self, u):
         return torch.as_tensor(u) ** (1 / self.p)
+
+
+@dataclass(frozen=True)
+class LinearKappa(PolyKappa):
+    """kappa(t) = t, the paper's default: insertion times are uniform on [0, 1]."""
+
+    p: float = 1.0
 
 
 KAPPAS = {"linear": LinearKappa, "poly": PolyKappa}
@@ -373,8 +368,7 @@ def sample_context(lengths, tasks="uncond", generator=None):
     extend = is_task("extend") & (i < j)
     context = (is_task("i2v") & (i == 0)) | interp | extend
     passive = (interp & (i == n - 1)) | (extend & (i < j - 1))
-    valid = i < n
-    return context & valid, passive & valid
+    return context & (i < n), passive & (i < n)  # nothing beyond a video's end
 
 
 #################################################################################
@@ -428,9 +422,8 @@ class TimestepEmbedder(nn.Module):
 
 def rope_split(head_dim, rows=2, cols=2):
     """Head channels per RoPE axis (frame, h, w), each even: h and w get about a third each, unless a frame
-    is one patch high (rows = 1) or wide: a constant position rotates nothing, so the frame axis takes
-    those channels (the toy's one-token frames: all of them; with a third each, half of every head was
-    blind to position and the toy's outer pixels twice as rough as the data's)."""
+    is one patch high (rows = 1) or wide: a constant position rotates nothing, so the frame axis takes those
+    channels (the toy's one-token frames: all; with a third each its outer pixels were twice as rough)."""
     hw = 2 * (head_dim // 6)
     h, w = hw * (rows > 1), hw * (cols > 1)
     return head_dim - h - w, h, w
@@ -776,10 +769,9 @@ def generate(model, num_videos, frame_shape, kappa=None, n_start=1, steps=100, s
 
 
 def full_sequence(model):
-    """The full-sequence flow matching baseline, as generate runs it: give every frame as a start frame
-    (n_start, or make_prompt(..., n_start)), max_reveal_prob=1 and no rate guidance; this model never
-    inserts (lam = e^-10000 = 0), so each frame takes exactly `steps` Euler steps. Config.full_sequence
-    trains it."""
+    """The full-sequence baseline (Config.full_sequence trains it), as generate runs it: every frame a start
+    frame (n_start, or make_prompt(..., n_start)), max_reveal_prob=1, no rate guidance; this model never
+    inserts (lam = e^-10000 = 0), so each frame takes exactly `steps` Euler steps."""
 
     def no_insertions(*inputs):
         v, log_lam = model(*inputs)
@@ -1004,8 +996,9 @@ def load_checkpoint(path):
 def get_device(name):
     """--device: None (a CUDA GPU when there is one, else the CPU), or a device this torch can use."""
     name = name or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name.split(":")[0] not in ("cpu", "cuda", "mps"):
+    usable = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name.split(":")[0] not in usable:
         raise ValueError(f"unknown device {name!r} (cpu, cuda, cuda:1, ...)")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA GPU")
+    if not usable[name.split(":")[0]]:
+        raise ValueError(f"--device {name}: this torch ({torch.__version__}) sees no such device")
     return torch.device(name)

@@ -1,13 +1,12 @@
 """Sample Flowception videos and compare them with the data.
 
     python sample.py                                # out/toy/ckpt.pt (EMA weights), 512 videos
-    python sample.py --task interp --anchors 1      # first, middle and last frame given; the gaps are free
+    python sample.py --ckpt out/toy_tasks/ckpt.pt --task interp --anchors 1  # first, middle, last given
     python sample.py --steps 100 --sampler bernoulli --max-reveal-prob 1   # Algorithm 1 exactly
     python sample.py --full-sequence                # the full-sequence baseline at the data's lengths
 
-Toy checkpoints: the length histogram, the metrics of toy_data, samples.pt and videos.png (Figures 5/6:
-each frame's insertion time under it, context frames dashed). Latent presets: mp4s, through the VAE
-that made the training latents.
+Toy checkpoints: the length histogram, toy_data's metrics, samples.pt, videos.png (Figures 5/6: each
+frame's insertion time under it, context frames dashed). Latent presets: mp4s, by the latents' VAE.
 """
 import argparse
 import os
@@ -32,7 +31,7 @@ def parse_args(argv=None):
     arg("--steps", type=int, default=25, help="flow steps per frame (h = 1 / steps)")
     arg("--sampler", choices=("poisson", "bernoulli"), default="poisson", help="insertion draw")
     arg("--max-reveal-prob", type=float, default=0.1, help="cap on a step's reveal probability (1: Alg. 1)")
-    arg("--max-frames", type=int, help="length cap (default: twice the data's longest)")
+    arg("--max-frames", type=int, help="length cap (default: the data's longest, twice that for the toy)")
     arg("--task", choices=fc.TASKS, default="uncond", help="what is given")
     arg("--context", help="a latent file whose frames are the context (default: held-out toy videos)")
     arg("--anchors", type=int, default=0, help="interp: middle anchors between the first and last frame")
@@ -58,8 +57,9 @@ def check_numbers(args):
     """Every number a user gives, within the bounds outside which a run is meaningless or endless."""
     bounds = {"num": (1, 1e7), "batch_size": (1, 1e6), "steps": (1, 1e4), "max_reveal_prob": (1e-3, 1),
               "rate_guidance": (0, 100), "cfg": (0, 100), "gamma": (0.01, 100), "fps": (0.1, 1000),
-              "decode_timestep": (0, 1), "anchors": (0, 2), "prefix": (2, min(toy_data.LENGTHS) // 2)}
-    for name, (lo, hi) in bounds.items():  # anchors, prefix: what training shows
+              "decode_timestep": (0, 1), "anchors": (0, 2), "prefix": (2, 1e4), "length": (1, 1e4),
+              "max_frames": (1, 1e4)}
+    for name, (lo, hi) in bounds.items():  # anchors: what training shows
         if (value := getattr(args, name)) is not None and not lo <= value <= hi:
             raise ValueError(f"--{name.replace('_', '-')} must be in [{lo:g}, {hi:g}], got {value}")
 
@@ -78,20 +78,24 @@ def load_model(args):
 
 
 def context_frames(args, cfg):
-    """-> context frames (N, A, C, H, W) or None, and their videos' lengths: from held-out toy videos, or
-    a latent file (--context: its first frame, first frames, or first and last frame)."""
+    """-> context frames (N, A, C, H, W) or None, and their videos' lengths: from held-out toy videos, or a
+    latent file (--context: its first frame, first frames, or first, evenly spaced and last frames)."""
     N = args.num
     if args.task == "uncond":
         return None, None
     if args.context is not None:
-        z = fc.load_latents(args.context, cfg.channels, (cfg.height, cfg.width))[0]
-        if len(z) < max(2, args.prefix):
-            raise ValueError(f"{args.context} has {len(z)} latent frames, fewer than {max(2, args.prefix)}")
-        z = {"i2v": z[:1], "extend": z[: args.prefix], "interp": z[[0, -1]]}[args.task]
-        return z.expand(N, *z.shape), None
-    if cfg.data != "toy":
+        z, info = fc.load_latents(args.context, cfg.channels, (cfg.height, cfg.width))
+        theirs, ours = info["vae_fingerprint"], args.data_info.get("vae_fingerprint")
+        if theirs and ours and theirs != ours:
+            raise ValueError(f"{args.context} holds latents of VAE {theirs}, the training latents of {ours}")
+        videos, lengths = z.expand(N, *z.shape), torch.full((N,), len(z))
+    elif cfg.data != "toy":
         raise ValueError(f"{args.ckpt} is a latent preset: give the context with --context LATENT_FILE")
-    videos, lengths = toy_data.sample_toy_videos(N, torch.Generator().manual_seed(HELD_OUT + args.seed))
+    else:
+        videos, lengths = toy_data.sample_toy_videos(N, torch.Generator().manual_seed(HELD_OUT + args.seed))
+    need = {"i2v": 1, "interp": 2 + args.anchors, "extend": args.prefix}[args.task]  # context frames
+    if need > lengths.min():
+        raise ValueError(f"--task {args.task} needs {need} context frames, a video has {int(lengths.min())}")
     if args.task != "interp":
         return videos[:, : 1 if args.task == "i2v" else args.prefix], lengths
     index = (torch.linspace(0, 1, args.anchors + 2)[None] * (lengths[:, None] - 1)).round().long()  # (N, A)

@@ -1416,7 +1416,7 @@ def test_odd_videos_encode_train_and_sample_back_to_mp4_with_their_vae_and_fps(t
     vae_dir, videos, latents = tmp_path / "vae", tmp_path / "videos", tmp_path / "latents"
     _tiny_vae().save_pretrained(vae_dir)
     (videos / "sub").mkdir(parents=True)
-    for F, (h, w), name in ((25, (72, 96), "a.MP4"), (33, (144, 176), "sub/b.mov"), (41, (90, 60), "c.mp4")):
+    for F, (h, w), name in ((25, (72, 96), "a.MP4"), (33, (144, 176), "sub/b.mov"), (41, (90, 60), "a.mov")):
         fc.write_video(str(videos / name), _smooth_video(F, h, w, seed=F), fps=24)
     fc.write_video(str(videos / "short.mp4"), _smooth_video(5), fps=24)
     (videos / "broken.mkv").write_bytes(b"\x00" * 100)
@@ -1425,8 +1425,9 @@ def test_odd_videos_encode_train_and_sample_back_to_mp4_with_their_vae_and_fps(t
                 "--preset", "latent_tiny", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "encoded 3 of 5 videos" in out and "broken.mkv cannot be decoded" in out and "short.mp4 has 5 frames" in out
-    files = sorted((latents / ".precomputed" / "latents").glob("*.pt"))
-    assert [fc.load_latents(str(p))[0].shape[0] for p in files] == [4, 6, 5]  # a, c, sub__b: 1 + (F - 1) // 8
+    files = sorted((latents / ".precomputed" / "latents").rglob("*.pt"))  # the videos' tree, nothing overwritten
+    assert [str(p.relative_to(latents / ".precomputed" / "latents")) for p in files] == ["a.MP4.pt", "a.mov.pt", "sub/b.mov.pt"]
+    assert [fc.load_latents(str(p))[0].shape[0] for p in files] == [4, 6, 5]  # 1 + (F - 1) // 8
     identity = fc.vae_identity(_tiny_vae(), str(vae_dir))
     assert all(fc.load_latents(str(p))[1] == {"fps": 24.0, **identity} for p in files)
     run = tmp_path / "run"
@@ -1578,10 +1579,15 @@ def test_a_second_run_never_destroys_the_first(tmp_path, capsys, monkeypatch):
         code, _ = _run_cli(train.main, _steps(6) + ["--out", str(tmp_path), "--resume"], capsys)
         _one_line_error(code, "another run is using", str(tmp_path))
     assert _files(tmp_path) == before
-    (tmp_path / "ckpt.pt").unlink()  # a folder with a log and no checkpoint may start over...
+    code, _ = _run_cli(train.main, run + ["--resume"], capsys)  # at step 4 of 4: nothing left to train
+    _one_line_error(code, "ckpt.pt is at step 4 already", "--steps above it")
     _poison(monkeypatch, at_call=1)
-    code, _ = _run_cli(train.main, run, capsys)  # ... but a run that dies at step 1 rewrites nothing
-    _one_line_error(code, "step 1:")
+    code, _ = _run_cli(train.main, _steps(6) + ["--out", str(tmp_path), "--resume"], capsys)
+    _one_line_error(code, "step 5:")  # a resumed run that dies at its first step rewrites nothing
+    assert all(_files(tmp_path)[f] == before[f] for f in ("log.jsonl", "ckpt.pt"))
+    (tmp_path / "ckpt.pt").unlink()  # a log without a checkpoint (--ckpt-every 0, or killed early) stays too
+    code, _ = _run_cli(train.main, run, capsys)
+    _one_line_error(code, "holds a run")
     assert (tmp_path / "log.jsonl").read_bytes() == before["log.jsonl"]
 
 
@@ -1633,15 +1639,30 @@ def test_checkpoints_of_another_version_or_with_bad_weights_are_named(tmp_path, 
     retired = {**ckpt, "config": {**ckpt["config"], "attention": "flex", "compile": True}}  # an older run's keys
     torch.save(retired, tmp_path / "older_ok.pt")
     assert fc.load_checkpoint(str(tmp_path / "older_ok.pt"))[1] == fc.Config.from_dict(ckpt["config"])
+    pre_rope = {k: v for k, v in ckpt["config"].items() if k != "rope_frame_base"}  # written before e569234
+    torch.save({**ckpt, "config": pre_rope}, tmp_path / "pre_rope.pt")  # a toy: its RoPE split changed since
+    code, _ = _run_cli(sample.main, ["--ckpt", str(tmp_path / "pre_rope.pt")], capsys)
+    _one_line_error(code, "pre_rope.pt: it is older than the RoPE fix of one-patch frame axes", "retrain it")
+    latent = {k: v for k, v in vars(fc.PRESETS["latent_tiny"]).items() if k != "rope_frame_base"}
+    assert fc.Config.from_dict(latent).rope_frame_base == 10_000  # a 2x2 grid: split as before, the old base
 
 
 def test_devices_data_and_folders_a_user_names(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for main in (train.main, sample.main):
         code, _ = _run_cli(main, ["--device", "cuda", "--out", str(tmp_path / "x")], capsys)
-        _one_line_error(code, "--device cuda: this torch", "sees no CUDA GPU")
+        _one_line_error(code, "--device cuda: this torch", "sees no such device")
         code, _ = _run_cli(main, ["--device", "gpu0", "--out", str(tmp_path / "x")], capsys)
         _one_line_error(code, "unknown device 'gpu0'")
+        if not torch.backends.mps.is_available():  # this CPU build: a name torch knows, a device it lacks
+            code, _ = _run_cli(main, ["--device", "mps", "--out", str(tmp_path / "x")], capsys)
+            _one_line_error(code, "--device mps: this torch", "sees no such device")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)  # the index a user names is the one used
+    assert train.setup_distributed(torch.device("cuda:1")) == torch.device("cuda:1")
+    monkeypatch.setenv("LOCAL_RANK", "3")  # under torchrun: this process's GPU
+    assert train.setup_distributed(torch.device("cuda")) == torch.device("cuda:3")
+    code, _ = _run_cli(train.main, ["--n-start", "16", "--out", str(tmp_path / "n")], capsys)
+    _one_line_error(code, "--n-start 16: the toy's shortest videos have 15")
     (tmp_path / "file").write_text("")  # sample.py's --out naming a file: test_sampling_flags_and_context_files
     code, _ = _run_cli(train.main, ["--out", str(tmp_path / "file")], capsys)
     _one_line_error(code, "is a file, not a folder")
@@ -1649,13 +1670,15 @@ def test_devices_data_and_folders_a_user_names(tmp_path, capsys, monkeypatch):
     _one_line_error(code, "taichi256 on a CPU", "--device cpu")
     code, _ = _run_cli(train.main, ["--preset", "latent_tiny", "--data", "toy", "--out", str(tmp_path / "l")], capsys)
     _one_line_error(code, "--data toy has frames of (3, 1, 3)", "wants (128, 2, 2)")
-    assert not any((tmp_path / d).exists() for d in "xtl")
+    assert not any((tmp_path / d).exists() for d in "xtln")
 
 
 def test_sampling_flags_and_context_files(tmp_path, capsys):
-    train.main(QUICK + ["--tasks", "uncond:1,i2v:1", "--out", str(tmp_path)])
+    train.main(QUICK + ["--tasks", "uncond:1,i2v:1,interp:1,extend:1", "--out", str(tmp_path)])
     ckpt = ["--ckpt", str(tmp_path / "ckpt.pt"), "--num", "4"]
     for flags, words in ((["--cfg", "inf"], "--cfg must be in [0, 100], got inf"),
+                         (["--max-frames", "-1"], "--max-frames must be in [1, 10000]"),
+                         (["--length", "0", "--full-sequence"], "--length must be in [1, 10000], got 0"),
                          (["--rate-guidance", "nan"], "--rate-guidance must be in"),
                          (["--steps", "1000000"], "--steps must be in [1, 10000], got 1000000"),
                          (["--max-reveal-prob", "1e-9"], "--max-reveal-prob must be in [0.001, 1]"),
@@ -1667,6 +1690,22 @@ def test_sampling_flags_and_context_files(tmp_path, capsys):
     for name, words in (("junk.pt", "is not readable ("), ("nan.pt", "holds NaN or inf")):
         code, _ = _run_cli(sample.main, ckpt + ["--task", "i2v", "--context", str(tmp_path / name)], capsys)
         _one_line_error(code, f"latent file {tmp_path / name}", words)
+    z = torch.rand(6, 3, 1, 3) * 2 - 1  # a 6-frame context file: each task takes the frames it needs
+    fc.save_latents(str(tmp_path / "six.pt"), z, fps=16, vae={"vae": "a", "vae_fingerprint": "1111"})
+    fc.save_latents(str(tmp_path / "one.pt"), z[:1], fps=16)
+    for task, file, given in (("i2v", "one.pt", z[:1]), ("interp", "six.pt", z[[0, 2, 3, 5]]), ("extend", "six.pt", z[:3])):
+        sample.main(ckpt + ["--task", task, "--anchors", "2", "--prefix", "3", "--context", str(tmp_path / file)])
+        saved = torch.load(tmp_path / "samples.pt", weights_only=True)
+        assert all(torch.equal(f[c], given) for f, c in zip(saved["frames"], saved["context"]))
+    code, _ = _run_cli(sample.main, ckpt + ["--task", "extend", "--prefix", "7", "--context", str(tmp_path / "six.pt")], capsys)
+    _one_line_error(code, "--task extend needs 7 context frames, a video has 6")
+    other = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # a checkpoint that knows its latents' VAE
+    torch.save({**other, "data": {"vae": "b", "vae_fingerprint": "2222", "fps": 16.0}}, tmp_path / "other.pt")
+    code, _ = _run_cli(sample.main, ["--ckpt", str(tmp_path / "other.pt"), "--task", "i2v", "--context", str(tmp_path / "six.pt")], capsys)
+    _one_line_error(code, "six.pt holds latents of VAE 1111, the training latents of 2222")
+    capsys.readouterr()
+    sample.main(ckpt[:2] + ["--num", "1", "--out", str(tmp_path / "one")])  # one video: no FD, no crash
+    assert "FD nan" in capsys.readouterr().out
 
 
 def test_a_user_error_under_torchrun_is_one_line_once_and_every_rank_fails(tmp_path):
@@ -1692,8 +1731,10 @@ def test_encoding_nothing_is_an_error_and_a_nan_latent_is_named(tmp_path, capsys
     (tmp_path / "videos" / "broken.mp4").write_bytes(b"\x00" * 100)
     vae = tmp_path / "vae"
     _tiny_vae().save_pretrained(vae)
-    code, out = _run_cli(train.main, ["--encode-videos", str(tmp_path / "videos"), "--out", str(tmp_path / "z"),
-                                      "--vae", str(vae), "--device", "cpu"], capsys)
+    encode = ["--encode-videos", str(tmp_path / "videos"), "--out", str(tmp_path / "z"), "--vae", str(vae), "--device", "cpu"]
+    code, out = _run_cli(train.main, encode, capsys)  # the default preset, the toy, has no latents
+    _one_line_error(code, "for a latent preset (latent_tiny, taichi256)")
+    code, out = _run_cli(train.main, encode + ["--preset", "latent_tiny"], capsys)
     _one_line_error(code, "none of the 1 videos", "could be encoded")
     assert "broken.mp4 cannot be decoded" in out
     fc.save_latents(str(tmp_path / "nan.pt"), torch.full((3, 128, 2, 2), float("nan")), fps=16)

@@ -82,6 +82,8 @@ def summary(f):
 def frechet(a, b):
     """The Frechet distance between Gaussians fitted to the rows of a and b, |mu_a - mu_b|^2 +
     tr(C_a + C_b - 2 (C_a C_b)^(1/2)), where tr (C_a C_b)^(1/2) = tr (C_a^(1/2) C_b C_a^(1/2))^(1/2)."""
+    if min(len(a), len(b)) < 2 or not (a.isfinite().all() and b.isfinite().all()):
+        return math.nan  # one video, or videos too short for the features (fewer than 3 frames)
     ca, cb = a.T.cov(), b.T.cov()
     w, V = torch.linalg.eigh(ca)
     root = V @ torch.diag(w.clamp_min(0).sqrt()) @ V.T  # C_a^(1/2)
@@ -93,7 +95,7 @@ def quality(videos, seed=1_000_002):
     """Generated toy videos against as many data videos: the summary of both, and the Frechet distance
     between their features standardised by the data's spread, beside the distance between two data
     samples of that size: its noise floor."""
-    data = [sample_toy_videos(len(videos), torch.Generator().manual_seed(seed + k)) for k in (0, 1)]
+    data = [sample_toy_videos(max(len(videos), 2), torch.Generator().manual_seed(seed + k)) for k in (0, 1)]
     ref, other = (torch.stack([features(v[:n]) for v, n in zip(*d)]) for d in data)
     gen = torch.stack([features(v) for v in videos])
     mu, sd = ref.mean(0), ref.std(0).clamp_min(0.05)

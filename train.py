@@ -92,7 +92,7 @@ def make_config(args, base=None):
 def setup_distributed(device, fsdp=False, timeout=10):
     """This process's device (LOCAL_RANK's GPU), and a process group for several processes or FSDP2."""
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", device.index or 0)))
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if world_size > 1 and not dist.is_initialized():
@@ -133,9 +133,8 @@ FULL = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered 
 
 
 def save_checkpoint(path, model, ema, opt, step, cfg, preset, data_rng, data_info):
-    """One flat dict of full (gathered) tensors and plain data, written by rank 0; every process calls it.
-    Gathered, not sharded: one file that loads with torch.load(weights_only=True) anywhere and resumes on
-    any number of processes (26 GB for taichi256). data_info: the latents' fps and VAE (sample.py's)."""
+    """Full (gathered) tensors and plain data in one file, by rank 0 (every process calls it): it loads with
+    torch.load(weights_only=True) anywhere, resumes on any number of processes. data_info: fps and VAE."""
     ckpt = {name: dcp.get_model_state_dict(m, options=FULL) for name, m in (("model", model), ("ema", ema))}
     ckpt |= {"optimizer": dcp.get_optimizer_state_dict(model, opt, options=FULL), "step": step,
              "preset": preset, "config": dataclasses.asdict(cfg), "data_rng": data_rng.get_state(),
@@ -155,7 +154,7 @@ def save_checkpoint(path, model, ema, opt, step, cfg, preset, data_rng, data_inf
 
 def claim_folder(out, resume):
     """Rank 0 makes sure this run destroys nothing: a lock (released when closed or when the process ends)
-    refuses a second live run, a new run never starts where a checkpoint is; a killed run's .tmp goes."""
+    refuses a second live run, a new run never starts where a checkpoint or log is; a stale .tmp goes."""
     os.makedirs(out, exist_ok=True)
     lock = open(os.path.join(out, ".lock"), "w")
     try:
@@ -163,9 +162,9 @@ def claim_folder(out, resume):
     except OSError:
         raise ValueError(f"another run is using {out} (it holds {os.path.join(out, '.lock')})") from None
     ckpt_path = os.path.join(out, "ckpt.pt")
-    if not resume and os.path.exists(ckpt_path):
-        raise ValueError(f"{out} holds a run: continue it with --resume, or start over with another --out "
-                         f"(or delete {ckpt_path})")
+    if not resume and (os.path.exists(ckpt_path) or os.path.exists(os.path.join(out, "log.jsonl"))):
+        raise ValueError(f"{out} holds a run: continue it with --resume (from its ckpt.pt), or start over "
+                         "with another --out (or delete it)")
     if os.path.exists(ckpt_path + ".tmp"):
         os.remove(ckpt_path + ".tmp")
     return lock
@@ -183,10 +182,11 @@ def log_rows(path, last):
 
 
 def encode_videos(src, out, vae_name, device, cfg):
-    """Every video of src (any ffmpeg reads) -> a latent file per clip in out (the first 1 + 8 (max_frames - 1)
-    frames, sized to the preset's latents x 32, with its fps and VAE); a video it cannot use is named."""
-    if world_size > 1:
-        raise ValueError("--encode-videos runs in one process (not under torchrun)")
+    """Every video of src (any ffmpeg reads) -> a latent file at its path under out, + ".pt": the first
+    1 + 8 (max_frames - 1) frames, sized to the preset's latents x 32, with fps and VAE; failures named."""
+    if world_size > 1 or cfg.data != "latents":
+        raise ValueError("--encode-videos runs in one process (not under torchrun), for a latent preset ("
+                         + ", ".join(name for name, c in fc.PRESETS.items() if c.data == "latents") + ")")
     videos = sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs
                     if os.path.splitext(f)[1].lower() in fc.VIDEO_FILES)
     if not videos:
@@ -194,7 +194,6 @@ def encode_videos(src, out, vae_name, device, cfg):
     vae = fc.load_vae(vae_name, device)
     identity = fc.vae_identity(vae, vae_name)
     size = (cfg.height * fc.LTX_SPATIAL, cfg.width * fc.LTX_SPATIAL)
-    os.makedirs(out, exist_ok=True)
     failed = 0
     for path in tqdm(videos, desc="encoding"):
         try:
@@ -206,8 +205,9 @@ def encode_videos(src, out, vae_name, device, cfg):
             failed += 1
             tqdm.write(f"skipped: {e}" if isinstance(e, ValueError) else f"skipped: {path} ({fc.why(e)})")
             continue
-        name = os.path.splitext(os.path.relpath(path, src))[0].replace(os.sep, "__")
-        fc.save_latents(os.path.join(out, name + ".pt"), z, fps, identity)
+        dest = os.path.join(out, os.path.relpath(path, src) + ".pt")  # a.mp4 and a.mov: two files
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        fc.save_latents(dest, z, fps, identity)
     if failed == len(videos):
         raise ValueError(f"none of the {failed} videos in {src} could be encoded (reasons above)")
     print(f"encoded {len(videos) - failed} of {len(videos)} videos into {out} ({failed} skipped), "
@@ -276,8 +276,7 @@ def pack_batch(batch, capacity):
 
 
 def my_micro_batches(batch, cfg):
-    """This process's videos of the global batch in grad_accum micro-batches, each trimmed to its longest
-    video, or packed into rows of cfg.pack frames."""
+    """This process's share of the global batch: grad_accum micro-batches, trimmed or packed."""
     out = []
     for r in torch.arange(len(batch.mask)).chunk(world_size)[rank].chunk(cfg.grad_accum):
         F = max(int(batch.mask[r].sum(1).max()), 1)
@@ -331,6 +330,10 @@ def train(args):
     if cfg.data == "toy" and (cfg.channels, cfg.height, cfg.width) != toy_data.FRAME_SHAPE:
         raise ValueError(f"--data toy has frames of {toy_data.FRAME_SHAPE}, preset {args.preset} wants "
                          f"{(cfg.channels, cfg.height, cfg.width)}")
+    if cfg.data == "toy" and cfg.n_start > min(toy_data.LENGTHS):
+        raise ValueError(f"--n-start {cfg.n_start}: the toy's shortest videos have {min(toy_data.LENGTHS)}")
+    if ckpt is not None and ckpt["step"] >= cfg.steps:
+        raise ValueError(f"{ckpt_path} is at step {ckpt['step']} already: give --steps above it to train on")
     if cfg.batch_size % (world_size * cfg.grad_accum):
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of processes x grad_accum = "
                          f"{world_size * cfg.grad_accum}")
