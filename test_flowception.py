@@ -1693,10 +1693,10 @@ def test_sampling_flags_and_context_files(tmp_path, capsys):
     z = torch.rand(6, 3, 1, 3) * 2 - 1  # a 6-frame context file: each task takes the frames it needs
     fc.save_latents(str(tmp_path / "six.pt"), z, fps=16, vae={"vae": "a", "vae_fingerprint": "1111"})
     fc.save_latents(str(tmp_path / "one.pt"), z[:1], fps=16)
-    for task, file, given in (("i2v", "one.pt", z[:1]), ("interp", "six.pt", z[[0, 2, 3, 5]]), ("extend", "six.pt", z[:3])):
+    for task, file, expected in (("i2v", "one.pt", z[:1]), ("interp", "six.pt", z[[0, 2, 3, 5]]), ("extend", "six.pt", z[:3])):
         sample.main(ckpt + ["--task", task, "--anchors", "2", "--prefix", "3", "--context", str(tmp_path / file)])
         saved = torch.load(tmp_path / "samples.pt", weights_only=True)
-        assert all(torch.equal(f[c], given) for f, c in zip(saved["frames"], saved["context"]))
+        assert all(torch.equal(f[c], expected) for f, c in zip(saved["frames"], saved["context"]))
     code, _ = _run_cli(sample.main, ckpt + ["--task", "extend", "--prefix", "7", "--context", str(tmp_path / "six.pt")], capsys)
     _one_line_error(code, "--task extend needs 7 context frames, a video has 6")
     other = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # a checkpoint that knows its latents' VAE

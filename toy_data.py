@@ -92,9 +92,9 @@ def frechet(a, b):
 
 
 def quality(videos, seed=1_000_002):
-    """Generated toy videos against as many data videos: the summary of both, and the Frechet distance
-    between their features standardised by the data's spread, beside the distance between two data
-    samples of that size: its noise floor."""
+    """Generated toy videos against as many data videos (two at least: a spread): the summary of both, and
+    the Frechet distance between their features standardised by the data's spread, beside the distance
+    between two data samples of that size: its noise floor."""
     data = [sample_toy_videos(max(len(videos), 2), torch.Generator().manual_seed(seed + k)) for k in (0, 1)]
     ref, other = (torch.stack([features(v[:n]) for v, n in zip(*d)]) for d in data)
     gen = torch.stack([features(v) for v in videos])
