@@ -89,7 +89,7 @@ class Config:
         rules = ((">= 1", lambda x: x >= 1, counts),
                  (">= 0", lambda x: x >= 0, ("window", "pack", "warmup", "weight_decay", "grad_clip",
                                             "rate_weight", "ckpt_every")),
-                 ("> 0", lambda x: x > 0, ("lr", "mlp_ratio", "gamma")),
+                 ("in (0, 1e3]", lambda x: 0 < x <= 1e3, ("lr", "mlp_ratio", "gamma")),  # lr 1e39: AdamW inf
                  ("in [0, 1)", lambda x: 0 <= x < 1, ("ema_decay", "cond_dropout")))
         for rule, ok, names in rules:
             for name in names:
@@ -714,7 +714,7 @@ def generate(model, num_videos, frame_shape, kappa=None, n_start=1, steps=100, s
          moves by x_i += (t_i' - t_i) v_i, t = u^gamma (Appendix E: exact if trained with that gamma);
       3. while tau_g < 1, right of every frame that may insert, with p = reveal_prob(tau_g, tau_g + du),
          Poisson(lam_j p) new frames (Appendix B.3, Eq. 34) or, 'bernoulli', one w.p. min(1, lam_j p)
-         (Algorithm 1); new frames are N(0, I) noise with t = u = 0;
+         (Algorithm 1); new frames are N(0, I) noise with t = u = 0; lam_j <= e^30, beyond any real rate;
       4. tau_g advances along time_grid (max_reveal_prob = 1: Algorithm 1's), then by h = 1 / steps.
     The loop ends when every frame is clean. Returns a list of Sample.
     """
@@ -754,7 +754,7 @@ def generate(model, num_videos, frame_shape, kappa=None, n_start=1, steps=100, s
         # 3. insertions right of every frame that may insert, while tau_g < 1 (Algorithm 1, line 9)
         if step + 1 < len(grid):
             p = float(kappa.reveal_prob(torch.tensor(grid[step]), torch.tensor(tau_next)))
-            rate = torch.where(mask & ~state.passive, log_lam.float().exp() * p, 0.0)  # (B, F) E[new frames]
+            rate = torch.where(mask & ~state.passive, log_lam.float().clamp(max=30).exp() * p, 0.0)  # (B, F)
             if sampler == "poisson":
                 n_new = torch.poisson(rate, generator=generator)  # Eq. (34)
             else:

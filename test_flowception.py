@@ -435,8 +435,11 @@ def test_every_frame_is_flowed_to_the_end(sampler, steps, cap, n_start, seed):
     assert calls == list(range(1, len(calls) + 1)) and max(s.nfe for s in out) == len(calls)
 
 
-def test_max_frames_refuses_and_never_evicts():
-    out = fc.generate(_point_mass_model(1.0, log_lam=5.0), 8, (1, 1, 1), n_start=3, steps=20, max_frames=10, generator=gen(0))
+@pytest.mark.parametrize("sampler, log_lam", [("poisson", 5.0), ("poisson", 1e4), ("bernoulli", 1e4)])
+def test_max_frames_refuses_and_never_evicts(sampler, log_lam):
+    """A diverged model's finite log lam (1e4: e^1e4 = inf, an invalid Poisson rate) is drawn from at e^30."""
+    model = _point_mass_model(1.0, log_lam=log_lam)
+    out = fc.generate(model, 8, (1, 1, 1), n_start=3, steps=20, max_frames=10, sampler=sampler, generator=gen(0))
     for s in out:
         assert s.frames.shape[0] == 10 and s.refused > 0
         assert (s.insert_time == 0).sum() == 3 and s.insert_time[0] == 0  # start frames kept
@@ -1004,7 +1007,8 @@ def _run_cli(main, argv, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "-5"], "steps must be >= 1 and finite, got -5"),
     (["--batch-size", "0"], "batch_size must be >= 1 and finite, got 0"),
-    (["--lr", "0"], "lr must be > 0"),
+    (["--lr", "0"], "lr must be in (0, 1e3]"),
+    (["--lr", "1e39"], "lr must be in (0, 1e3] and finite, got 1e+39"),  # AdamW overflowed: a traceback
     (["--ema-decay", "1.5"], "ema_decay must be in [0, 1)"),
     (["--preset", "taichi256", "--steps", "1"], "latents"),
 ])
@@ -1557,15 +1561,18 @@ def test_a_nan_mid_run_stops_at_once_and_the_last_checkpoint_stays(tmp_path, cap
 
 
 def test_absurd_or_non_finite_numbers_never_reach_the_weights(tmp_path, capsys):
-    for flag, value, words in (("--lr", "inf", "lr must be > 0 and finite"), ("--lr", "nan", "lr must be"),
+    for flag, value, words in (("--lr", "inf", "lr must be in (0, 1e3] and finite"), ("--lr", "nan", "lr must be"),
                                ("--rate-weight", "nan", "rate_weight must be"), ("--rate-weight", "inf", "finite"),
                                ("--tasks", "uncond:nan", "bad task 'uncond:nan'"), ("--tasks", "i2v:inf", "weights >= 0")):
         code, _ = _run_cli(train.main, QUICK + [flag, value, "--out", str(tmp_path / "a")], capsys)
         _one_line_error(code, words)
     assert not (tmp_path / "a").exists()
-    code, _ = _run_cli(train.main, QUICK + ["--lr", "1e30", "--out", str(tmp_path / "b")], capsys)
+    code, _ = _run_cli(train.main, QUICK + ["--lr", "1e3", "--warmup", "0", "--ckpt-every", "1", "--out", str(tmp_path / "b")], capsys)
     _one_line_error(code, "step ", "stopped before the weights changed")
-    assert not (tmp_path / "b" / "ckpt.pt").exists()
+    ckpt = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)  # the last finite, diverged weights
+    assert 1 <= ckpt["step"] < 4
+    sample.main(["--ckpt", str(tmp_path / "b" / "ckpt.pt"), "--num", "4"])  # their rates are e^30 at most
+    assert len(torch.load(tmp_path / "b" / "samples.pt", weights_only=True)["lengths"]) == 4
 
 
 def test_a_second_run_never_destroys_the_first(tmp_path, capsys, monkeypatch):
@@ -1713,7 +1720,7 @@ def test_a_user_error_under_torchrun_is_one_line_once_and_every_rank_fails(tmp_p
            *QUICK, "--lr", "inf", "--out", str(tmp_path), "--device", "cpu"]
     done = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
-    assert done.returncode != 0 and (done.stdout + done.stderr).count("error: lr must be > 0 and finite") == 1
+    assert done.returncode != 0 and (done.stdout + done.stderr).count("error: lr must be in (0, 1e3] and finite") == 1
 
 
 def test_the_process_group_waits_timeout_minutes(monkeypatch):
