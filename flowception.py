@@ -808,6 +808,7 @@ def load_latents(path, channels=None, size=None):
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
         z = d["latents"].float()
+        fps = None if d.get("fps") is None else float(d["fps"])  # a number, or a 0-d tensor
         if z.ndim == 2:  # packed (F h w, C)
             F, h, w = (int(torch.as_tensor(d[k]).flatten()[0]) for k in ("num_frames", "height", "width"))
             z = rearrange(z, "(f h w) c -> f c h w", f=F, h=h, w=w)
@@ -822,13 +823,16 @@ def load_latents(path, channels=None, size=None):
                          f"{size[0]}x{size[1]}")
     if not z.isfinite().all():
         raise ValueError(f"latent file {path} holds NaN or inf")
-    return z, {k: d.get(k) for k in ("fps", "vae", "vae_fingerprint")}
+    if fps is not None and not 0 < fps < math.inf:
+        raise ValueError(f"latent file {path} has fps {fps}, not a positive finite number")
+    return z, {"fps": fps, **{k: d.get(k) for k in ("vae", "vae_fingerprint")}}
 
 
 def load_latent_folder(folder, cfg):
     """Every latent file (*.pt) of a folder and its sub-folders (trainers' .precomputed too), checked -> the
     clips, held in memory (Tai-Chi-HD at 256 px: 0.5 GB), and their fps and VAE (for the checkpoint)."""
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.endswith(".pt"))
+    files = sorted(path for d, _, fs in os.walk(folder) for f in fs  # regular files: a FIFO hangs torch.load
+                   if f.endswith(".pt") and os.path.isfile(path := os.path.join(d, f)))
     if not files:
         raise ValueError(f"no latent files (*.pt) in {folder} (encode videos: train.py --encode-videos)")
     shortest, size = cfg.n_start + 2, (cfg.height, cfg.width)

@@ -1694,7 +1694,12 @@ def test_sampling_flags_and_context_files(tmp_path, capsys):
         _one_line_error(code, words)
     (tmp_path / "junk.pt").write_bytes(b"junk")
     fc.save_latents(str(tmp_path / "nan.pt"), torch.full((4, 3, 1, 3), float("nan")), fps=16)
-    for name, words in (("junk.pt", "is not readable ("), ("nan.pt", "holds NaN or inf")):
+    packed = torch.load(tmp_path / "nan.pt", weights_only=True) | {"latents": torch.zeros(12, 3)}
+    for name, fps in (("inf.pt", math.inf), ("minus5.pt", -5), ("zero.pt", 0), ("nanfps.pt", math.nan), ("word.pt", "fast")):
+        torch.save({**packed, "fps": fps}, tmp_path / name)  # inf and -5 failed only after sampling
+    for name, words in (("junk.pt", "is not readable ("), ("nan.pt", "holds NaN or inf"),
+                        ("inf.pt", "has fps inf, not a positive finite number"), ("minus5.pt", "has fps -5.0"),
+                        ("zero.pt", "has fps 0.0"), ("nanfps.pt", "has fps nan"), ("word.pt", "not readable (ValueError")):
         code, _ = _run_cli(sample.main, ckpt + ["--task", "i2v", "--context", str(tmp_path / name)], capsys)
         _one_line_error(code, f"latent file {tmp_path / name}", words)
     z = torch.rand(6, 3, 1, 3) * 2 - 1  # a 6-frame context file: each task takes the frames it needs
@@ -1713,6 +1718,40 @@ def test_sampling_flags_and_context_files(tmp_path, capsys):
     capsys.readouterr()
     sample.main(ckpt[:2] + ["--num", "1", "--out", str(tmp_path / "one")])  # one video: no FD, no crash
     assert "FD nan" in capsys.readouterr().out
+
+
+def _raise(kind, *args, at_call=1):
+    """A stand-in that raises kind(*args) at its at_call-th call (a new error: one kept alive would keep the
+    frames of its traceback alive, and a CLI's lock with them), and before that does nothing."""
+    calls = []
+
+    def stand_in(*_, **__):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise kind(*args)
+
+    return stand_in
+
+
+def test_latent_folders_fps_fifos_and_an_out_inside_the_data(tmp_path, capsys, monkeypatch):
+    """A 0-d tensor fps is a number (json could not write it to config.json); the folder walk reads regular
+    files only (a FIFO hung torch.load); --out inside --data is refused (--resume read ckpt.pt as a latent)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    fc.save_latents(str(data / "clip.pt"), torch.rand(6, 3, 1, 3) * 2 - 1, fps=16)
+    d = torch.load(data / "clip.pt", weights_only=True)
+    torch.save({**d, "fps": torch.tensor(16.0)}, data / "clip.pt")  # as a trainer may write it
+    os.mkfifo(data / "pipe.pt")
+    real = fc.load_latents
+    monkeypatch.setattr(fc, "load_latents", lambda path, *a: real(path, *a) if "pipe" not in path else _raise(
+        AssertionError, f"it opened the FIFO {path}: torch.load waits for a writer forever")())
+    for out in (data, data / "run"):
+        code, _ = _run_cli(train.main, QUICK + ["--data", str(data), "--out", str(out)], capsys)
+        _one_line_error(code, f"--out {out} is inside --data {data}", "ckpt.pt would be read as a latent file")
+    assert sorted(p.name for p in data.iterdir()) == ["clip.pt", "pipe.pt"]
+    train.main(QUICK + ["--data", str(data), "--out", str(tmp_path / "run")])
+    assert json.load(open(tmp_path / "run" / "config.json"))["data_info"]["fps"] == 16.0
+    assert real(str(data / "clip.pt"))[1]["fps"] == 16.0
 
 
 def test_a_user_error_under_torchrun_is_one_line_once_and_every_rank_fails(tmp_path):

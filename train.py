@@ -324,6 +324,8 @@ def train(args):
     if cfg.data == "latents":
         raise ValueError(f"preset {args.preset!r} trains on LTX latents: pass --data DIR (a folder of latent "
                          "files, see --encode-videos), or --data synthetic to measure speed and memory")
+    if cfg.data not in ("toy", "synthetic") and not os.path.relpath(out, cfg.data).startswith(".."):
+        raise ValueError(f"--out {out} is inside --data {cfg.data}: ckpt.pt would be read as a latent file")
     device = fc.get_device(args.device)
     if args.device is None and device.type == "cpu" and args.preset == "taichi256":
         raise ValueError("taichi256 on a CPU takes hours per step: pass --device cpu if you mean it")
