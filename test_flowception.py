@@ -1592,10 +1592,13 @@ def test_a_second_run_never_destroys_the_first(tmp_path, capsys, monkeypatch):
     code, _ = _run_cli(train.main, _steps(6) + ["--out", str(tmp_path), "--resume"], capsys)
     _one_line_error(code, "step 5:")  # a resumed run that dies at its first step rewrites nothing
     assert all(_files(tmp_path)[f] == before[f] for f in ("log.jsonl", "ckpt.pt"))
-    (tmp_path / "ckpt.pt").unlink()  # a log without a checkpoint (--ckpt-every 0, or killed early) stays too
-    code, _ = _run_cli(train.main, run, capsys)
-    _one_line_error(code, "holds a run")
-    assert (tmp_path / "log.jsonl").read_bytes() == before["log.jsonl"]
+    (tmp_path / "ckpt.pt").unlink()  # a log without a checkpoint (stopped before its first save): no weights
+    code, _ = _run_cli(train.main, run + ["--resume"], capsys)
+    _one_line_error(code, "ckpt.pt does not exist", "python train.py")  # nothing to resume: a new run...
+    code, out = _run_cli(train.main, run, capsys)  # ...starts over, saying so (it said "--resume" before)
+    assert code is None and f"{tmp_path} has a log but no checkpoint" in out and "starting over" in out
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
+    assert [r["step"] for r in _log(tmp_path)] == [1, 2, 3, 4]
 
 
 def test_resume_survives_a_torn_log_line_and_a_stale_tmp(tmp_path, capsys):

@@ -153,8 +153,8 @@ def save_checkpoint(path, model, ema, opt, step, cfg, preset, data_rng, data_inf
 
 
 def claim_folder(out, resume):
-    """Rank 0 makes sure this run destroys nothing: a lock (released when closed or when the process ends)
-    refuses a second live run, a new run never starts where a checkpoint or log is; a stale .tmp goes."""
+    """Rank 0 makes sure this run destroys nothing: a lock refuses a second live run, a new run never starts
+    where a checkpoint is (a log alone, of a run stopped before its first save, is started over); no .tmp."""
     os.makedirs(out, exist_ok=True)
     lock = open(os.path.join(out, ".lock"), "w")
     try:
@@ -162,9 +162,10 @@ def claim_folder(out, resume):
     except OSError:
         raise ValueError(f"another run is using {out} (it holds {os.path.join(out, '.lock')})") from None
     ckpt_path = os.path.join(out, "ckpt.pt")
-    if not resume and (os.path.exists(ckpt_path) or os.path.exists(os.path.join(out, "log.jsonl"))):
-        raise ValueError(f"{out} holds a run: continue it with --resume (from its ckpt.pt), or start over "
-                         "with another --out (or delete it)")
+    if not resume and os.path.exists(ckpt_path):
+        raise ValueError(f"{out} holds a run: continue it with --resume, or use another --out (or delete it)")
+    if not resume and os.path.exists(os.path.join(out, "log.jsonl")):
+        print(f"{out} has a log but no checkpoint (the run stopped before its first save): starting over")
     if os.path.exists(ckpt_path + ".tmp"):
         os.remove(ckpt_path + ".tmp")
     return lock
