@@ -1006,3 +1006,16 @@ def get_device(name):
     if not usable[name.split(":")[0]]:
         raise ValueError(f"--device {name}: this torch ({torch.__version__}) sees no such device")
     return torch.device(name)
+
+
+def hold_lock(folder, name):
+    """Lock folder/name (flock) till the file returned is closed or the process ends; if held: an error."""
+    import fcntl  # not on Windows: imported where used
+
+    os.makedirs(folder, exist_ok=True)
+    lock = open(os.path.join(folder, name), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise ValueError(f"another run is using {folder} (it holds {os.path.join(folder, name)})") from None
+    return lock

@@ -205,7 +205,7 @@ def main(argv=None):
         lengths = baseline_lengths(args, cfg, frames, source_lengths) if args.full_sequence else None
         args.max_reveal_prob = 1.0 if args.full_sequence else args.max_reveal_prob
         out = args.out or os.path.dirname(args.ckpt) or "."
-        os.makedirs(out, exist_ok=True)
+        lock = fc.hold_lock(out, ".sample.lock")  # until main returns: two samplers never mix their files
         vae = latent_vae(args) if cfg.data != "toy" else None  # fail before sampling
         t0 = time.time()
         samples = generate_all(model, args, cfg, frames, lengths)

@@ -1736,6 +1736,20 @@ def _raise(kind, *args, at_call=1):
     return stand_in
 
 
+def test_two_samplers_never_share_a_folder_but_a_training_run_may(tmp_path, capsys):
+    train.main(QUICK + ["--out", str(tmp_path)])
+    run = ["--ckpt", str(tmp_path / "ckpt.pt"), "--num", "4"]
+    with open(tmp_path / ".sample.lock", "w") as held:  # a live sampler: a second one is refused
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _ = _run_cli(sample.main, run, capsys)
+        _one_line_error(code, "another run is using", str(tmp_path / ".sample.lock"))
+    assert not (tmp_path / "samples.pt").exists()
+    with open(tmp_path / ".lock", "w") as held:  # a live training run: it writes other files (ckpt.pt whole)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        sample.main(run)
+    assert (tmp_path / "samples.pt").exists()
+
+
 def test_latent_folders_fps_fifos_and_an_out_inside_the_data(tmp_path, capsys, monkeypatch):
     """A 0-d tensor fps is a number (json could not write it to config.json); the folder walk reads regular
     files only (a FIFO hung torch.load); --out inside --data is refused (--resume read ckpt.pt as a latent)."""

@@ -10,7 +10,6 @@ import contextlib
 import copy
 import dataclasses
 import datetime
-import fcntl
 import gc
 import json
 import math
@@ -155,12 +154,7 @@ def save_checkpoint(path, model, ema, opt, step, cfg, preset, data_rng, data_inf
 def claim_folder(out, resume):
     """Rank 0 makes sure this run destroys nothing: a lock refuses a second live run, a new run never starts
     where a checkpoint is (a log alone, of a run stopped before its first save, is started over); no .tmp."""
-    os.makedirs(out, exist_ok=True)
-    lock = open(os.path.join(out, ".lock"), "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise ValueError(f"another run is using {out} (it holds {os.path.join(out, '.lock')})") from None
+    lock = fc.hold_lock(out, ".lock")
     ckpt_path = os.path.join(out, "ckpt.pt")
     if not resume and os.path.exists(ckpt_path):
         raise ValueError(f"{out} holds a run: continue it with --resume, or use another --out (or delete it)")
