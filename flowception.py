@@ -789,6 +789,22 @@ def why(e):
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:100]}"
 
 
+def write_atomically(path, write):
+    """write(f) to a binary file path + ".tmp", synced, renamed over path: if it fails, path is as it was."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        with open(path + ".tmp", "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # a full disk: OSError, or torch.save's "unexpected pos"
+        raise ValueError(f"cannot write {path} ({why(e)}); the file it would replace is untouched") from None
+    finally:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+
+
 # The LTX-Video VAE maps 1 + 8k frames of H x W pixels to 1 + k latent frames of 128 x H/32 x W/32.
 LTX_TEMPORAL, LTX_SPATIAL = 8, 32
 
@@ -798,8 +814,7 @@ def save_latents(path, z, fps, vae=None):
     as (F h w, C) tokens in (frame, row, column) order, the fps and the VAE that made them (vae_identity)."""
     F, _, h, w = z.shape
     d = {"latents": rearrange(z.cpu(), "f c h w -> (f h w) c"), "num_frames": F, "height": h, "width": w}
-    torch.save({**d, "fps": float(fps), **(vae or {})}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    write_atomically(path, lambda f: torch.save({**d, "fps": float(fps), **(vae or {})}, f))
 
 
 def load_latents(path, channels=None, size=None):
@@ -942,11 +957,11 @@ def read_video(path, size=None, max_frames=None):
     return torch.stack(frames), fps
 
 
-def write_video(path, frames, fps):
-    """frames (F, 3, H, W) uint8 -> an H.264 mp4 (yuv420p: plays everywhere)."""
+def write_video(file, frames, fps):
+    """frames (F, 3, H, W) uint8 -> an H.264 mp4 (yuv420p: plays everywhere), to a path or a binary file."""
     import av
 
-    with av.open(path, mode="w") as container:
+    with av.open(file, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fractions.Fraction(fps).limit_denominator(1001))
         stream.height, stream.width, stream.pix_fmt = frames.shape[2], frames.shape[3], "yuv420p"
         stream.options = {"crf": "18"}

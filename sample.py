@@ -170,7 +170,7 @@ def draw_videos(samples, path):
     ax.set(xlabel="frame", yticks=[], title="Sampled toy videos (3 pixels per frame; bar: insertion time)")
     fig.colorbar(plt.cm.ScalarMappable(cmap=cmap), ax=ax, label="insertion time tau_g", fraction=0.03)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fc.write_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)
     print(f"wrote {path}")
 
@@ -218,28 +218,31 @@ def main(argv=None):
         result = {"lengths": lengths, "insert_time": [s.insert_time for s in samples], "nfe": nfe,
                   "frames": [s.frames for s in samples], "context": [s.context for s in samples],
                   "source_lengths": source_lengths}
-        torch.save(result, os.path.join(out, "samples.pt"))
+        fc.write_atomically(os.path.join(out, "samples.pt"), lambda f: torch.save(result, f))
         for i, s in enumerate(tqdm(samples, desc="decoding") if vae else []):  # latents: one clip at a time
             pixels = fc.decode_latents(vae, s.frames, args.decode_timestep, args.decode_noise_scale)
-            os.makedirs(os.path.join(out, "videos"), exist_ok=True)
+            video = ((pixels + 1) * 127.5).round().to(torch.uint8)
             path = os.path.join(out, "videos", f"sample_{i:04d}.mp4")
-            fc.write_video(path, ((pixels + 1) * 127.5).round().to(torch.uint8), args.fps)
+            fc.write_atomically(path, lambda f: fc.write_video(f, video, args.fps))
         if vae:
             return print(f"wrote {args.num} mp4s at {args.fps:g} fps to {os.path.join(out, 'videos')}")
+        print_histogram(lengths)
+        m = result["metrics"] = toy_data.length_metrics(lengths)
+        print(f"length TV {m['tv']:.3f} | within +-1 of a mode {m['within1']:.1%} | mode-binned TV "
+              f"{m['binned_tv']:.3f} | mean length {lengths.float().mean():.2f} | refused "
+              f"{sum(s.refused for s in samples)}")
+        q = result["quality"] = toy_data.quality([s.frames for s in samples])
+        names = {"one_clean_jump": "one clean jump", "excess": "median excess",
+                 "one_big_step": "one step > 0.2", "roughness": "roughness", "closes": "turn closes"}
+        content = " | ".join(f"{n} {q[k]:.3g} ({q['data'][k]:.3g})" for k, n in names.items())
+        print(f"content (data): {content} | FD {q['fd']:.3g} (data vs data {q['fd_floor']:.3g})")
+        fc.write_atomically(os.path.join(out, "samples.pt"), lambda f: torch.save(result, f))
+        draw_videos(samples, os.path.join(out, "videos.png"))
     except (ValueError, OSError, ImportError) as e:  # a user's error, a missing package too: one line
         sys.exit(f"error: {e}")
-    print_histogram(lengths)
-    m = toy_data.length_metrics(lengths)
-    print(f"length TV {m['tv']:.3f} | within +-1 of a mode {m['within1']:.1%} | mode-binned TV "
-          f"{m['binned_tv']:.3f} | mean length {lengths.float().mean():.2f} | refused "
-          f"{sum(s.refused for s in samples)}")
-    q = toy_data.quality([s.frames for s in samples])
-    names = {"one_clean_jump": "one clean jump", "excess": "median excess", "one_big_step": "one step > 0.2",
-             "roughness": "roughness", "closes": "turn closes"}
-    print("content (data): " + " | ".join(f"{n} {q[k]:.3g} ({q['data'][k]:.3g})" for k, n in names.items())
-          + f" | FD {q['fd']:.3g} (data vs data {q['fd_floor']:.3g})")
-    torch.save({**result, "metrics": m, "quality": q}, os.path.join(out, "samples.pt"))
-    draw_videos(samples, os.path.join(out, "videos.png"))
+    except KeyboardInterrupt:  # Ctrl-C: files are written whole (fc.write_atomically), old or new
+        print("interrupted: no file is half-written (each is the old one or the new one)")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1001,6 +1001,8 @@ def _run_cli(main, argv, capsys):
         code = None
     except SystemExit as e:
         code = str(e.code)
+    except KeyboardInterrupt:  # escaping pytest would stop the session
+        pytest.fail("Ctrl-C ended in a traceback")
     return code, capsys.readouterr().out
 
 
@@ -1601,13 +1603,17 @@ def test_a_second_run_never_destroys_the_first(tmp_path, capsys, monkeypatch):
     assert [r["step"] for r in _log(tmp_path)] == [1, 2, 3, 4]
 
 
-def test_resume_survives_a_torn_log_line_and_a_stale_tmp(tmp_path, capsys):
+def test_resume_survives_a_torn_log_line_a_bad_byte_and_a_stale_tmp(tmp_path, capsys, monkeypatch):
     train.main(_steps(2) + ["--out", str(tmp_path)])
-    with open(tmp_path / "log.jsonl", "a") as f:
-        f.write('{"step": 3, "veloc')  # killed while writing step 3's row
+    with open(tmp_path / "log.jsonl", "ab") as f:
+        f.write(b'\xff\xfe garbage\n')  # not UTF-8: it blocked the resume; now a bad line, dropped
+        f.write(b'{"step": 3, "veloc')  # killed while writing step 3's row
     (tmp_path / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")  # killed while saving
+    replaced, replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (replaced.append(os.path.basename(b)), replace(a, b))[1])
     train.main(QUICK + ["--out", str(tmp_path), "--resume", "--ckpt-every", "0"])
     assert [r["step"] for r in _log(tmp_path)] == [1, 2, 3, 4] and not (tmp_path / "ckpt.pt.tmp").exists()
+    assert replaced == ["log.jsonl"]  # the resumed log is rewritten through a temp file, not in place
 
 
 def test_checkpoints_are_synced_released_and_never_half_written(tmp_path, capsys, monkeypatch):
@@ -1615,7 +1621,7 @@ def test_checkpoints_are_synced_released_and_never_half_written(tmp_path, capsys
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), fsync(fd))[1])
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), replace(a, b))[1])
     train.main(_steps(2) + ["--out", str(tmp_path)])
-    assert events == ["fsync", "replace"]  # on disk before it replaces the last checkpoint
+    assert events == ["fsync", "replace"] * 2  # the log's first row, then the checkpoint: on disk, then renamed
     maps, real = [], train.global_batch
     monkeypatch.setattr(train, "global_batch", lambda *a: (maps.append(open("/proc/self/maps").read()), real(*a))[1])
     before = _files(tmp_path)
@@ -1736,6 +1742,35 @@ def _raise(kind, *args, at_call=1):
     return stand_in
 
 
+def test_a_full_disk_or_ctrl_c_while_sampling_leaves_the_last_results(tmp_path, capsys, monkeypatch):
+    """Every result goes through a temp file: a full disk (torch.save's RuntimeError, an OSError in the PNG)
+    is one line and leaves the last samples.pt and videos.png; so is Ctrl-C (exit 130), and no .tmp stays."""
+    import matplotlib.figure
+
+    train.main(QUICK + ["--out", str(tmp_path)])
+    run = ["--ckpt", str(tmp_path / "ckpt.pt"), "--num", "4", "--seed", "1"]
+    sample.main(run[:-2])
+    before = _files(tmp_path)
+    with monkeypatch.context() as m:  # a full disk
+        m.setattr(torch, "save", _raise(RuntimeError, "[enforce fail at inline_container.cc:778] . unexpected pos 64"))
+        code, _ = _run_cli(sample.main, run, capsys)
+    _one_line_error(code, f"cannot write {tmp_path / 'samples.pt'}", "unexpected pos", "untouched")
+    assert _files(tmp_path) == before  # it destroyed samples.pt, then printed a traceback
+    with monkeypatch.context() as m:
+        m.setattr(matplotlib.figure.Figure, "savefig", _raise(OSError, 28, "No space left on device"))
+        code, _ = _run_cli(sample.main, run, capsys)
+    _one_line_error(code, f"cannot write {tmp_path / 'videos.png'}", "No space left on device", "untouched")
+    after = _files(tmp_path)  # the new samples.pt, whole; the last picture
+    assert after["videos.png"] == before["videos.png"] and after.keys() == before.keys()
+    for target, name in ((fc, "generate"), (torch, "save")):  # Ctrl-C while sampling; while writing samples.pt
+        with monkeypatch.context() as m:
+            m.setattr(target, name, _raise(KeyboardInterrupt))
+            code, out = _run_cli(sample.main, run[:-1] + ["2"], capsys)
+        assert code == "130" and out.strip().splitlines()[-1] == ("interrupted: no file is half-written (each is "
+                                                                  "the old one or the new one)")
+        assert _files(tmp_path) == after
+
+
 def test_two_samplers_never_share_a_folder_but_a_training_run_may(tmp_path, capsys):
     train.main(QUICK + ["--out", str(tmp_path)])
     run = ["--ckpt", str(tmp_path / "ckpt.pt"), "--num", "4"]
@@ -1748,6 +1783,29 @@ def test_two_samplers_never_share_a_folder_but_a_training_run_may(tmp_path, caps
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         sample.main(run)
     assert (tmp_path / "samples.pt").exists()
+
+
+def test_ctrl_c_in_training_says_what_is_on_disk_and_a_run_without_checkpoint_starts_over(tmp_path, capsys, monkeypatch):
+    real = train.global_batch
+
+    def interrupted(at_call):  # Ctrl-C in the data stream's at_call-th batch from now
+        ctrl_c = _raise(KeyboardInterrupt, at_call=at_call)
+        return lambda *args: (ctrl_c(), real(*args))[1]
+
+    new = QUICK + ["--out", str(tmp_path)]
+    with monkeypatch.context() as m:
+        m.setattr(train, "global_batch", interrupted(2))  # at step 2, before the first checkpoint
+        code, out = _run_cli(train.main, new, capsys)
+    assert code == "130" and out.strip().splitlines()[-1] == f"interrupted: {tmp_path / 'ckpt.pt'} was never written"
+    assert [r["step"] for r in _log(tmp_path)] == [1] and not (tmp_path / "ckpt.pt").exists()
+    code, out = _run_cli(train.main, new, capsys)  # it said "holds a run: --resume", and --resume "no checkpoint"
+    assert code is None and "has a log but no checkpoint (the run stopped before its first save): starting over" in out
+    saved = _files(tmp_path)["ckpt.pt"]
+    with monkeypatch.context() as m:
+        m.setattr(train, "global_batch", interrupted(2))  # resumed at step 4: at step 6
+        code, out = _run_cli(train.main, _steps(8) + ["--out", str(tmp_path), "--resume"], capsys)
+    assert code == "130" and out.strip().splitlines()[-1] == f"interrupted: {tmp_path / 'ckpt.pt'} is intact"
+    assert _files(tmp_path)["ckpt.pt"] == saved and [r["step"] for r in _log(tmp_path)] == [1, 2, 3, 4, 5]
 
 
 def test_latent_folders_fps_fifos_and_an_out_inside_the_data(tmp_path, capsys, monkeypatch):

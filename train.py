@@ -139,16 +139,7 @@ def save_checkpoint(path, model, ema, opt, step, cfg, preset, data_rng, data_inf
              "preset": preset, "config": dataclasses.asdict(cfg), "data_rng": data_rng.get_state(),
              "data": data_info}
     if rank == 0:  # on disk before the rename; a failed write leaves the last checkpoint as it was
-        try:
-            with open(path + ".tmp", "wb") as f:
-                torch.save(ckpt, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(path + ".tmp", path)
-        except (OSError, RuntimeError) as e:  # a full disk: OSError, or torch.save's "unexpected pos"
-            if os.path.exists(path + ".tmp"):
-                os.remove(path + ".tmp")
-            raise ValueError(f"cannot write {path} ({fc.why(e)}); the last checkpoint is untouched") from None
+        fc.write_atomically(path, lambda f: torch.save(ckpt, f))
 
 
 def claim_folder(out, resume):
@@ -168,7 +159,7 @@ def claim_folder(out, resume):
 def log_rows(path, last):
     """The rows of a run's log.jsonl up to step `last` (a resumed run keeps them); a torn line is dropped."""
     rows = []
-    for line in open(path) if os.path.exists(path) else []:
+    for line in open(path, errors="replace") if os.path.exists(path) else []:  # a bad byte: a bad line
         try:
             rows += [row] if (row := json.loads(line))["step"] <= last else []
         except (ValueError, KeyError, TypeError):
@@ -201,8 +192,7 @@ def encode_videos(src, out, vae_name, device, cfg):
             tqdm.write(f"skipped: {e}" if isinstance(e, ValueError) else f"skipped: {path} ({fc.why(e)})")
             continue
         dest = os.path.join(out, os.path.relpath(path, src) + ".pt")  # a.mp4 and a.mov: two files
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        fc.save_latents(dest, z, fps, identity)
+        fc.save_latents(dest, z, fps, identity)  # in its sub-folder, made if need be
     if failed == len(videos):
         raise ValueError(f"none of the {failed} videos in {src} could be encoded (reasons above)")
     print(f"encoded {len(videos) - failed} of {len(videos)} videos into {out} ({failed} skipped), "
@@ -372,7 +362,7 @@ def run(args, cfg, resumed, device, out):
         start, ckpt = ckpt["step"], None  # let go of the memory-mapped file, so that a later save frees it,
         gc.collect()  # and of the reference cycle that dcp leaves around its tensors
         print0(f"resumed from {ckpt_path} at step {start}")
-    kept = log_rows(log_path, start) if args.resume else []  # the log is rewritten once a step is done
+    kept = "".join(json.dumps(r) + "\n" for r in (log_rows(log_path, start) if args.resume else []))
     net = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 and not cfg.fsdp else model
     bf16 = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -403,10 +393,12 @@ def run(args, cfg, resumed, device, out):
         update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
         # 4. log and checkpoint
         sums, n_logged, done = sums + losses, n_logged + 1, step + 1
-        if rank == 0:  # the first row of a run rewrites the log, keeping a resumed run's rows
+        if rank == 0:  # the first row of a run rewrites the log (atomically), keeping a resumed run's rows
             row = dict(zip(("step", "velocity", "rate", "grad_norm", "lr"), [done, *losses.tolist(), lr]))
-            with open(log_path, "a" if done > start + 1 else "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in (kept if done == start + 1 else []) + [row])
+            if done == start + 1:  # once a step is done: a run that dies before leaves the log as it was
+                fc.write_atomically(log_path, lambda f: f.write(kept.encode()))
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
             seconds, (velocity, rate, grad_norm) = time.time() - t_log, (sums / n_logged).tolist()
             bar.write(f"step {done:6d} | velocity {velocity:.4f} | rate {rate:.4f} | grad norm {grad_norm:.3f} | "
@@ -435,6 +427,10 @@ def main(argv=None):
             plot_log(os.path.join(out, "log.jsonl"), os.path.join(out, "loss.png"))
     except (ValueError, OSError, ImportError) as e:  # a user's error: one line, once (rank 0); all exit 1
         sys.exit(f"error: {e}" if rank == 0 else 1)
+    except KeyboardInterrupt:  # Ctrl-C: files are written whole (fc.write_atomically); say what is there
+        ckpt = os.path.join(args.out or os.path.join("out", args.preset), "ckpt.pt")
+        print0(f"interrupted: {ckpt}", "is intact" if os.path.isfile(ckpt) else "was never written")
+        sys.exit(130)
 
 
 if __name__ == "__main__":
