@@ -94,8 +94,9 @@ def context_frames(args, cfg):
     else:
         videos, lengths = toy_data.sample_toy_videos(N, torch.Generator().manual_seed(HELD_OUT + args.seed))
     need = {"i2v": 1, "interp": 2 + args.anchors, "extend": args.prefix}[args.task]  # context frames
-    if need > lengths.min():
-        raise ValueError(f"--task {args.task} needs {need} context frames, a video has {int(lengths.min())}")
+    if need > min(int(lengths.min()), args.max_frames - 1):  # and room for one start frame
+        raise ValueError(f"--task {args.task} needs {need} context frames, a video has {int(lengths.min())}, "
+                         f"--max-frames {args.max_frames} leaves room for {args.max_frames - 1}")
     if args.task != "interp":
         return videos[:, : 1 if args.task == "i2v" else args.prefix], lengths
     index = (torch.linspace(0, 1, args.anchors + 2)[None] * (lengths[:, None] - 1)).round().long()  # (N, A)
@@ -112,7 +113,8 @@ def baseline_lengths(args, cfg, frames, source_lengths):
     lengths = torch.full((args.num,), args.length) if args.length else law if source_lengths is None else source_lengths
     given = 0 if frames is None else frames.shape[1]  # context frames
     if (lengths <= given).any() or lengths.max() > args.max_frames:
-        raise ValueError(f"--length must be in [{given + 1}, {args.max_frames}], got {args.length}")
+        got = args.length or f"none: the videos have {int(lengths.min())} to {int(lengths.max())} frames"
+        raise ValueError(f"--length must be in [{given + 1}, {args.max_frames}] (given: {given}), got {got}")
     return lengths
 
 

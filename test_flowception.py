@@ -1054,7 +1054,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys):
     code, _ = _run_cli(train.main, ["--preset", "taichi256", "--resume", "--out", str(tmp_path / "a")], capsys)
     assert "of preset 'toy', not 'taichi256'" in code
     code, _ = _run_cli(train.main, common + ["--out", str(tmp_path / "a"), "--resume", "--dim", "64"], capsys)
-    assert "cannot resume with a different model shape: dim" in code
+    assert "cannot resume with a different model shape or seed: dim" in code
+    code, _ = _run_cli(train.main, common + ["--out", str(tmp_path / "a"), "--resume", "--seed", "5"], capsys)
+    assert "cannot resume with a different model shape or seed: seed" in code  # ignored before: the ckpt's
 
 
 def forward_flops(cfg, frames):
@@ -1698,7 +1700,10 @@ def test_sampling_flags_and_context_files(tmp_path, capsys):
                          (["--rate-guidance", "nan"], "--rate-guidance must be in"),
                          (["--steps", "1000000"], "--steps must be in [1, 10000], got 1000000"),
                          (["--max-reveal-prob", "1e-9"], "--max-reveal-prob must be in [0.001, 1]"),
-                         (["--out", str(tmp_path / "ckpt.pt")], "File exists")):
+                         (["--out", str(tmp_path / "ckpt.pt")], "File exists"),
+                         (["--task", "extend", "--prefix", "10", "--max-frames", "5"], "--max-frames 5 leaves room for 4"),
+                         (["--full-sequence", "--task", "extend", "--prefix", "15", "--num", "64"],  # it said "got None"
+                          "--length must be in [16, 60] (given: 15), got none: the videos have 15 to 30 frames")):
         code, _ = _run_cli(sample.main, ckpt + flags, capsys)
         _one_line_error(code, words)
     (tmp_path / "junk.pt").write_bytes(b"junk")

@@ -80,9 +80,9 @@ def make_config(args, base=None):
     names = [f.name for f in dataclasses.fields(fc.Config)]
     given = {k: v for k in names if (v := getattr(args, k, None)) is not None}
     shape = ("channels", "height", "width", "patch", "dim", "depth", "heads", "mlp_ratio", "count_embedding")
-    changed = [k for k in shape if k in given and given[k] != getattr(base, k)]
-    if args.resume and changed:
-        raise ValueError(f"cannot resume with a different model shape: {', '.join(changed)}")
+    changed = [k for k in (*shape, "seed") if k in given and given[k] != getattr(base, k)]
+    if args.resume and changed:  # the seed: a resumed run's weights and data stream are the checkpoint's
+        raise ValueError(f"cannot resume with a different model shape or seed: {', '.join(changed)}")
     cfg = dataclasses.replace(base, **given)
     fc.parse_tasks(cfg.tasks)
     return cfg
