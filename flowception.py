@@ -18,6 +18,7 @@ rates    the model predicts log lam_j for every visible frame j: lam_j estimates
 """
 import collections
 import fractions
+import functools
 import hashlib
 import json
 import math
@@ -34,6 +35,12 @@ from tqdm import tqdm
 #################################################################################
 #                                   Config                                      #
 #################################################################################
+
+
+# Flowception and the baselines of Section 4.1: full-sequence flow matching, and per-frame autoregressive
+# generation with bidirectional attention over the context (ar) or causal by frame (ar_causal, a KV cache)
+PARADIGMS = ("flowception", "full_sequence", "ar", "ar_causal")
+ROPES = ("axial", "videorope")  # rope_angles
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,9 @@ class Config:
     heads: int = 4
     mlp_ratio: float = 4.0
     window: int = 0  # attention within +-window frames (Figure 8); 0 = the whole video
-    rope_frame_base: float = 100.0  # RoPE frequencies of the frame axis, 1 .. 1/base rad per frame
+    rope: str = "axial"  # RoPE over (frame, row, column): "axial" or "videorope", the paper's (rope_angles)
+    rope_frame_base: float = 100.0  # axial: the frame axis turns 1 .. 1/base rad per frame
+    rope_delta: float = 2.0  # videorope: the frames' spacing (its adjustable temporal spacing)
     # Not in the paper (False: the paper's DiT): the frame count m embedded into every frame's adaLN input.
     # The exact rate is a sharp function of m and tau_g; with RoPE alone the toy DiT did not learn to count.
     count_embedding: bool = True
@@ -65,7 +74,7 @@ class Config:
     hazard_weight: bool = False  # weight the insertion loss by dkappa / (1 - kappa) (Eq. 19)
     tasks: str = "uncond"  # the mix of TASKS training draws from, e.g. "uncond:2,i2v:1"
     cond_dropout: float = 0.0  # P(a video's context is blanked), for guidance (Eq. 13)
-    full_sequence: bool = False  # the baseline: every frame a start frame, nothing inserted
+    paradigm: str = "flowception"  # or a baseline of Section 4.1: a name in PARADIGMS (baseline_state)
     gamma: float = 1.0  # per-frame time t = clip(tau, 0, 1)^gamma (Appendix E), training and sampling
     # training
     steps: int = 3000
@@ -89,7 +98,7 @@ class Config:
         rules = ((">= 1", lambda x: x >= 1, counts),
                  (">= 0", lambda x: x >= 0, ("window", "pack", "warmup", "weight_decay", "grad_clip",
                                             "rate_weight", "ckpt_every")),
-                 ("in (0, 1e3]", lambda x: 0 < x <= 1e3, ("lr", "mlp_ratio", "gamma")),  # lr 1e39: AdamW inf
+                 ("in (0, 1e3]", lambda x: 0 < x <= 1e3, ("lr", "mlp_ratio", "gamma", "rope_delta")),  # lr 1e39
                  ("in [0, 1)", lambda x: 0 <= x < 1, ("ema_decay", "cond_dropout")))
         for rule, ok, names in rules:
             for name in names:
@@ -100,18 +109,27 @@ class Config:
                              f"{self.dim} split into {self.heads} heads of even size")
         if self.n_start > self.max_frames:
             raise ValueError(f"n_start {self.n_start} must be <= max_frames {self.max_frames}")
+        for name, value, choices in (("paradigm", self.paradigm, PARADIGMS), ("rope", self.rope, ROPES)):
+            if value not in choices:
+                raise ValueError(f"{name} {value!r} is not one of {', '.join(choices)}")
+        if self.paradigm.startswith("ar") and (self.tasks != "uncond" or self.window):
+            raise ValueError("the AR baselines draw their context (tasks 'uncond') and see all of it (window 0), "
+                             f"got tasks {self.tasks!r}, window {self.window}")
 
     @classmethod
     def from_dict(cls, d):
         """A checkpoint's config; another version's is refused, naming the keys: a default would change it."""
-        retired = ("attention", "compile")  # FlexAttention and torch.compile: their weights load as they are
-        if "rope_frame_base" not in d and 1 in (d["height"] // d["patch"][0], d["width"] // d["patch"][1]):
-            raise ValueError("it is older than the RoPE fix of one-patch frame axes (e569234): retrain it")
-        d = {"rope_frame_base": 10_000.0, **{k: v for k, v in d.items() if k not in retired}}  # added since
+        d = {k: v for k, v in d.items() if k not in ("attention", "compile")}  # retired: their weights load
+        if "full_sequence" in d:  # the one baseline before the AR ones
+            d["paradigm"] = "full_sequence" if d.pop("full_sequence") else "flowception"
+        older = "rope_frame_base" not in d
+        d = {"rope_frame_base": 10_000.0, "rope": "axial", "rope_delta": 2.0, **d}  # added since
         names = {f.name for f in fields(cls)}
         if set(d) != names:
             raise ValueError(f"its config has unknown keys {sorted(set(d) - names)} and lacks "
                              f"{sorted(names - set(d))}: written by another version of this code?")
+        if older and 1 in (d["height"] // d["patch"][0], d["width"] // d["patch"][1]):
+            raise ValueError("it is older than the RoPE fix of one-patch frame axes (e569234): retrain it")
         return cls(**{**d, "patch": tuple(d["patch"])})
 
 
@@ -123,11 +141,13 @@ PRESETS = {
                         tasks="uncond:1,i2v:1,interp:1,extend:1", cond_dropout=0.1),
     # the latent path end to end on a CPU: LTX latents of 64 px clips (2x2, up to 65 frames), tiny DiT
     "latent_tiny": Config(data="latents", channels=128, height=2, width=2, max_frames=9, patch=(1, 1),
-                          dim=64, depth=2, heads=4, steps=200, batch_size=8, lr=1e-3, warmup=20, pack=9),
+                          dim=64, depth=2, heads=4, steps=200, batch_size=8, lr=1e-3, warmup=20, pack=9,
+                          rope="videorope"),
     # the paper's 256 px Tai-Chi config over 128-channel LTX latents at 8x8: 1,627,827,073 parameters (README)
     "taichi256": Config(data="latents", channels=128, height=8, width=8, max_frames=19, patch=(1, 1),
                         dim=1536, depth=38, heads=24, batch_size=8, lr=1e-4, warmup=1000, steps=300_000,
-                        tau_density="logit_normal", ema_decay=0.9999, pack=19, fsdp=True, checkpointing=True),
+                        tau_density="logit_normal", ema_decay=0.9999, pack=19, fsdp=True, checkpointing=True,
+                        rope="videorope"),
 }
 
 #################################################################################
@@ -221,17 +241,24 @@ def pending_counts(visible, valid):
     return torch.zeros_like(deleted).scatter_add_(1, owner.clamp_min(0), deleted)
 
 
+def choose(allowed, k, generator=None):
+    """(B, F) bool: k[b] frames of row b, a uniform subset of its allowed ones (frame 0 always, if allowed)."""
+    score = torch.rand(allowed.shape, generator=generator, device=allowed.device)  # (B, F)
+    score = torch.where(allowed, score.index_fill(1, torch.tensor([0], device=allowed.device), -1.0), 2.0)
+    return allowed & (score.argsort(dim=1).argsort(dim=1) < k[:, None])  # the k lowest scores: a random order
+
+
 def sample_training_state(lengths, kappa=None, n_start=1, tau_g=None, generator=None, tau_density="uniform",
-                          context=None, passive=None, full_sequence=False, gamma=1.0):
+                          context=None, passive=None, gamma=1.0):
     """The extended-time state of a batch of videos of the given lengths (B,): Algorithm 2. tau_g: None
     (drawn from tau_density), or a float or (B,) tensor that fixes it. context, passive: (B, F) patterns.
     Start frames have s_i = 0. Without context: frame 0 (nothing is ever inserted left of it) and
     n_start - 1 frames uniform among the others. With context, which always begins a video: one start
     frame, uniform among the free frames before the next context frame; it is the model's clock (its t is
-    tau_g), and the sampler puts it right after the leading context (make_prompt). full_sequence: every
-    free frame starts (the baseline). A state with no active frame is one the sampler never visits (it
-    stops once every frame is clean): such rows redraw (tau_g, s) TOGETHER. The paper's shortcut
-    tau_g ~ U(0, max_i s_i + 1) instead tilts the law of s by 1 / (max_i s_i + 1) (tested).
+    tau_g), and the sampler puts it right after the leading context (make_prompt). A state with no active
+    frame is one the sampler never visits (it stops once every frame is clean): such rows redraw s, and
+    tau_g with it unless it is fixed. The paper's shortcut tau_g ~ U(0, max_i s_i + 1) instead tilts the
+    law of s by 1 / (max_i s_i + 1) (tested).
     """
     kappa = kappa or LinearKappa()
     lengths = torch.as_tensor(lengths, dtype=torch.long)
@@ -243,10 +270,9 @@ def sample_training_state(lengths, kappa=None, n_start=1, tau_g=None, generator=
     has_context = context.any(dim=1)  # (B,)
     assert (context[:, 0] | ~has_context).all(), "context begins a video (sample_context, make_prompt)"
     assert (lengths >= n_start).all(), f"videos shorter than n_start={n_start}"
-    # who may start, and how many do: the rank of a random score decides (frame 0 first where it is free)
-    first_gap = free & ((context & (free.cumsum(dim=1) > 0)).cumsum(dim=1) == 0)
-    may_start = free if full_sequence else torch.where(has_context[:, None], first_gap, free)
-    n_starts = torch.full((B,), F, device=device) if full_sequence else torch.where(has_context, 1, n_start)
+    first_gap = free & ((context & (free.cumsum(dim=1) > 0)).cumsum(dim=1) == 0)  # free, before more context
+    may_start = torch.where(has_context[:, None], first_gap, free)
+    n_starts = torch.where(has_context, 1, n_start)  # (B,)
     fixed = tau_g is not None
     tau_g = torch.as_tensor(tau_g if fixed else 0.0, device=device).float().expand(B).clone()
     s = torch.empty(B, F, device=device)
@@ -256,9 +282,7 @@ def sample_training_state(lengths, kappa=None, n_start=1, tau_g=None, generator=
             break
         rows = redraw.nonzero().squeeze(1)
         s_new = kappa.inverse(torch.rand(len(rows), F, generator=generator, device=device))  # Eq. (27)
-        score = torch.rand(len(rows), F, generator=generator, device=device)
-        score = torch.where(may_start[rows], score.index_fill(1, torch.tensor([0], device=device), -1.0), 2.0)
-        start = may_start[rows] & (score.argsort(dim=1).argsort(dim=1) < n_starts[rows, None])
+        start = choose(may_start[rows], n_starts[rows], generator)
         s[rows] = torch.where(start | context[rows], 0.0, s_new)
         if not fixed:
             tau_g[rows] = sample_tau_g(len(rows), tau_density, generator, device)
@@ -270,6 +294,30 @@ def sample_training_state(lengths, kappa=None, n_start=1, tau_g=None, generator=
     t = torch.where(context, 1.0, tau.clamp(0, 1) ** gamma)  # (B, F)       Eq. (9); Appendix E
     return TrainingState(tau_g=tau_g, tau=tau, t=t, visible=visible, active=visible & (tau < 1) & ~context,
                          K=pending_counts(visible, valid), valid=valid, context=context, passive=passive)
+
+
+def baseline_state(lengths, paradigm, context=None, passive=None, generator=None):
+    """The baselines' training state, without extended time (Appendix C.1): one flow time t = sigmoid(N(0, 1))
+    (the 'lognorm' schedule) for the frames that flow. full_sequence: every frame but the context (given
+    as for Flowception). ar, ar_causal: frame j, after j clean context frames, j uniform on 0..n-1; the
+    frames after it are absent. Nothing is inserted: K = 0, and train.py trains no rate."""
+    lengths = torch.as_tensor(lengths, dtype=torch.long)
+    device, B, F = lengths.device, len(lengths), int(lengths.max())
+    i, t = torch.arange(F, device=device), torch.sigmoid(torch.randn(B, generator=generator, device=device))
+    valid = i < lengths[:, None]  # (B, F)
+    if paradigm == "full_sequence":
+        visible = valid
+        context = valid & (context if context is not None else torch.zeros_like(valid))
+        passive = valid & (passive if passive is not None else torch.zeros_like(valid))
+    else:
+        assert paradigm in ("ar", "ar_causal"), paradigm
+        j = (torch.rand(B, generator=generator, device=device) * lengths).long()[:, None]  # (B, 1)
+        visible, context = i <= j, i < j
+        passive = context
+    tau = torch.where(context, 1.0, t[:, None])  # (B, F)
+    return TrainingState(tau_g=t, tau=tau, t=tau, visible=visible, active=visible & ~context,
+                         K=torch.zeros(B, F, dtype=torch.long, device=device), valid=valid, context=context,
+                         passive=passive)
 
 
 @dataclass
@@ -358,11 +406,8 @@ def sample_context(lengths, tasks="uncond", generator=None):
     is_task = lambda name: (task == names.index(name) if name in names else none[:, 0])[:, None]  # noqa: E731
     i, n = torch.arange(F), lengths[:, None]  # (F,), (B, 1)
     # interp: frames 0 and n - 1 (passive), and 0, 1 or 2 uniform anchors among frames 2..n-2
-    score = torch.rand(B, F, generator=generator)
-    inner = (i >= 2) & (i <= n - 2)
-    rank = torch.where(inner, score, 2.0).argsort(dim=1).argsort(dim=1)
-    n_anchors = torch.randint(0, 3, (B, 1), generator=generator)
-    interp = is_task("interp") & ((i == 0) | (i == n - 1) | (inner & (rank < n_anchors)))
+    anchors = choose((i >= 2) & (i <= n - 2), torch.randint(0, 3, (B,), generator=generator), generator)
+    interp = is_task("interp") & ((i == 0) | (i == n - 1) | anchors)
     # extend: the first j frames, j uniform on 2..max(2, n // 2)
     j = 2 + (torch.rand(B, 1, generator=generator) * ((n // 2).clamp_min(2) - 1)).long()
     extend = is_task("extend") & (i < j)
@@ -429,12 +474,26 @@ def rope_split(head_dim, rows=2, cols=2):
     return head_dim - h - w, h, w
 
 
-def rope_angles(pos, head_dim, rows=2, cols=2, frame_base=10_000.0, base=10_000.0):
-    """Positions (..., 3) over (frame, h, w) -> rotation angles (..., head_dim / 2), one block per axis."""
+def rope_angles(pos, cfg):
+    """RoPE positions (..., 3) over (frame, row, column) -> rotation angles (..., head_dim / 2) of cfg's heads.
+    axial: a block of channels per axis (rope_split), the frame axis at 1 .. 1/rope_frame_base rad per frame,
+    rows and columns at 1 .. 1/10,000 rad per patch. videorope (Wei et al. 2025, the paper's, Section 4.1):
+    one RoPE's frequencies 1 .. 1/10,000 rad, the lowest quarter to the frame axis (low-frequency temporal
+    allocation), the others to rows and columns in turn, at positions (delta f, delta f + row, delta f +
+    column) with rows and columns counted from the frame's centre (diagonal layout), delta = rope_delta
+    (adjustable temporal spacing). The official code keeps the allocation, not the layout (README)."""
+    head_dim, rows, cols = cfg.dim // cfg.heads, cfg.height // cfg.patch[0], cfg.width // cfg.patch[1]
+    if cfg.rope == "videorope":
+        freqs = 10_000 ** (-torch.arange(0, head_dim, 2, device=pos.device) / head_dim)  # (hd/2,) high to low
+        spatial = 2 * (3 * head_dim // 16)  # frequencies for rows and columns, in turn; the rest: the frame
+        axis = torch.tensor([1, 2] * (spatial // 2) + [0] * (head_dim // 2 - spatial), device=pos.device)
+        f = cfg.rope_delta * pos[..., :1].float()  # (..., 1)
+        centred = pos[..., 1:].float() - torch.tensor([(rows - 1) / 2, (cols - 1) / 2], device=pos.device)
+        return torch.cat([f, f + centred], dim=-1)[..., axis] * freqs  # (..., hd/2)
     out = []
     for axis, d in enumerate(rope_split(head_dim, rows, cols)):
-        b = frame_base if axis == 0 else base  # a video has tens of frames: 1/10,000 rad per frame is wasted
-        freqs = b ** (-torch.arange(0, d, 2, device=pos.device, dtype=torch.float32) / d)  # (d/2,)
+        base = cfg.rope_frame_base if axis == 0 else 10_000.0  # a video has tens of frames, a frame few rows
+        freqs = base ** (-torch.arange(0, d, 2, device=pos.device, dtype=torch.float32) / d)  # (d/2,)
         out.append(pos[..., axis, None].float() * freqs)
     return torch.cat(out, dim=-1)
 
@@ -455,9 +514,11 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = nn.RMSNorm(dim // heads), nn.RMSNorm(dim // heads)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, cos, sin, attn_mask):  # x (B, N, D)
+    def forward(self, x, cos, sin, attn_mask, kv=None):  # x (B, N, D)
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)  # (B, h, N, hd)
+        if kv is not None:  # a KV cache (generate_ar): the earlier frames' keys and values, then these
+            k, v = kv(k, v)
         out = nnf.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, hd)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)
 
@@ -474,11 +535,11 @@ class DiTBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, c, cos, sin, attn_mask):  # x (B, F, L+1, D), c (B, F, D)
+    def forward(self, x, c, cos, sin, attn_mask, kv=None):  # x (B, F, L+1, D), c (B, F, D)
         mod = self.adaLN_modulation(c)[:, :, None].chunk(6, dim=-1)  # 6 x (B, F, 1, D): once per frame
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, F, L+1, D) what attention sees
-        x = x + gate_msa * self.attn(h.flatten(1, 2), cos, sin, attn_mask).view_as(x)
+        x = x + gate_msa * self.attn(h.flatten(1, 2), cos, sin, attn_mask, kv).view_as(x)
         return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
@@ -529,15 +590,20 @@ class Flowception(nn.Module):
         return torch.cat([position[:, :, None, None].float().expand(*hw.shape[:3], 1), hw], dim=-1)
 
     def attention_mask(self, video, position, L1):
-        """(B, 1, N, N) bool: a token attends to the tokens of its own video (within +-window frames)."""
+        """(B, 1, N, N) bool: a token attends to the tokens of its own video (within +-window frames; ar_causal:
+        of its own frame and the earlier ones)."""
         video, position = video.repeat_interleave(L1, dim=1), position.repeat_interleave(L1, dim=1)  # (B, N)
-        same = video[:, :, None] == video[:, None, :]  # (B, N, N)
-        near = (position[:, :, None] - position[:, None, :]).abs() <= self.cfg.window
-        return (same & near if self.cfg.window else same)[:, None]
+        allowed = video[:, :, None] == video[:, None, :]  # (B, N, N)
+        if self.cfg.window:
+            allowed &= (position[:, :, None] - position[:, None, :]).abs() <= self.cfg.window
+        if self.cfg.paradigm == "ar_causal":
+            allowed &= position[:, None, :] <= position[:, :, None]
+        return allowed[:, None]
 
-    def forward(self, x_t, t, mask, cond, video=None, position=None):
+    def forward(self, x_t, t, mask, cond, video=None, position=None, cache=None):
         """video, position (B, F) long: for rows packed with several videos (train.pack_batch), which video
-        each frame belongs to (-1: padding) and its index in that video. Default: one video per row."""
+        each frame belongs to (-1: padding) and its index in that video. Default: one video per row. cache:
+        a KVCache; one frame per row then, which attends to the cached frames and itself."""
         cfg, (B, F), (ph, pw) = self.cfg, mask.shape, self.cfg.patch
         if video is None:
             video, position = torch.where(mask, 0, -1), torch.arange(F, device=mask.device).expand(B, F)
@@ -546,23 +612,25 @@ class Flowception(nn.Module):
         x = self.x_embedder(tokens.to(self.x_embedder.weight.dtype))  # (B, F, L, D)
         x = torch.cat([x, self.rate_token.to(x.dtype).expand(B, F, 1, -1)], dim=2)  # (B, F, L+1, D)
         c = self.t_embedder(t)  # (B, F, D) per-frame conditioning
-        if self.count_embedder is not None:  # the number of frames each frame's video has now
-            c = c + self.count_embedder((video[:, :, None] == video[:, None, :]).sum(dim=2))  # (B, F, D)
-        pos, grid = self.positions(position).flatten(1, 2), (cfg.height // ph, cfg.width // pw)  # (B, N, 3)
-        angles = rope_angles(pos, cfg.dim // cfg.heads, *grid, cfg.rope_frame_base)  # (B, N, hd/2)
+        if self.count_embedder is not None:  # the number of frames a frame sees: its video's (causal: up to it)
+            causal = cfg.paradigm == "ar_causal"
+            c = c + self.count_embedder(position + 1 if causal else (video[:, :, None] == video[:, None, :]).sum(2))
+        angles = rope_angles(self.positions(position).flatten(1, 2), cfg)  # (B, N, hd/2)
         cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # (B, 1, N, hd/2)
-        attn_mask = self.attention_mask(video, position, x.shape[2])
-        for block in self.blocks:
+        assert cache is None or F == 1, "a KV cache runs one frame per row"
+        attn_mask = self.attention_mask(video, position, x.shape[2]) if cache is None else None
+        for i, block in enumerate(self.blocks):
+            kv = None if cache is None else functools.partial(cache.attend, i)  # block i's part of the cache
             if cfg.checkpointing and torch.is_grad_enabled():  # keep only block inputs; recompute in backward
                 x = torch.utils.checkpoint.checkpoint(block, x, c, cos, sin, attn_mask, use_reentrant=False)
             else:
-                x = block(x, c, cos, sin, attn_mask)  # (B, F, L+1, D)
+                x = block(x, c, cos, sin, attn_mask, kv)  # (B, F, L+1, D)
         shift, scale = self.final_modulation(c)[:, :, None].chunk(2, dim=-1)  # (B, F, 1, D)
         x = modulate(self.final_norm(x), shift, scale)  # (B, F, L+1, D) final adaLN, rate token too
         out = self.final_linear(x[:, :, :-1])  # (B, F, L, ph pw C)
         v = rearrange(out, "b f (h w) (p q c) -> b f c (h p) (w q)", h=cfg.height // ph, p=ph, q=pw)
         log_lam = self.rate_head(x[:, :, -1]).squeeze(-1)  # (B, F)
-        return v.to(x_t.dtype), log_lam.float()
+        return v.to(x_t.dtype, copy=True), log_lam.to(torch.float32, copy=True)  # not views: FSDP2's hooks
 
 
 def build_model(cfg):
@@ -629,11 +697,11 @@ def time_grid(kappa, steps, max_reveal_prob=0.1, floor=1e-4):
 
 @dataclass
 class SamplerState:
-    """The videos being generated; `callback` gets it after every step."""
+    """The videos being generated; `callback` gets it after every step. Training's names: mask is valid,
+    insert_time is s_i, and every frame that is not context is at t_i = clip(tau_g - s_i, 0, 1)^gamma."""
 
     x: torch.Tensor  # (B, F, C, H, W)
     t: torch.Tensor  # (B, F)           per-frame flow time (1 on context frames)
-    u: torch.Tensor  # (B, F)           per-frame solver coordinate: t = u^gamma (Appendix E)
     mask: torch.Tensor  # (B, F)        bool, a real frame
     context: torch.Tensor  # (B, F)     bool, a clean context frame (never moves)
     passive: torch.Tensor  # (B, F)     bool, a context frame that may not insert to its right
@@ -644,7 +712,7 @@ class SamplerState:
 
     @property
     def t_g(self):
-        """The paper's global time t_g = clip(tau_g, 0, 1)."""
+        """The paper's global time t_g = clip(tau_g, 0, 1) (for callbacks)."""
         return min(self.tau_g, 1.0)
 
 
@@ -680,7 +748,7 @@ def insert_frames(state, n_new, tau_g, max_frames, generator=None):
         return torch.where(mask_new.view(B, F_new, *[1] * (new.ndim - 2)), new, torch.zeros_like(new))
 
     noise = torch.randn((B, F_new, *x.shape[2:]), generator=generator, device=x.device, dtype=x.dtype)
-    return SamplerState(x=move(x, noise), t=move(state.t, 0), u=move(state.u, 0), mask=mask_new,
+    return SamplerState(x=move(x, noise), t=move(state.t, 0), mask=mask_new,
                         context=move(state.context, False), passive=move(state.passive, False),
                         insert_time=move(state.insert_time, tau_g), tau_g=tau_g, step=state.step,
                         refused=state.refused + (n_new - kept).sum(dim=1))
@@ -708,15 +776,18 @@ def generate(model, num_videos, frame_shape, kappa=None, n_start=1, steps=100, s
     """Generate variable-length videos: Euler flow steps interleaved with frame insertions (Algorithm 1).
 
     model: any callable model(x_t, t, mask, cond) -> (v, log_lam). prompt: the context and start frames to
-    begin from (make_prompt); None: n_start start frames. Each step, for every video at once:
+    begin from (make_prompt); None: n_start start frames. The global time tau_g walks time_grid to 1
+    (max_reveal_prob = 1: Algorithm 1's uniform steps), then steps of h = 1 / steps until every frame is
+    clean. Each step, from tau_g to the next time tau', for every video at once:
       1. one forward pass -> v, log lam (two with guidance: rate_guidance w, Eq. 13; cfg_scale s);
-      2. flow (Eq. 4): each unfinished frame advances its solver coordinate u_i by min(du, 1 - u_i) and
-         moves by x_i += (t_i' - t_i) v_i, t = u^gamma (Appendix E: exact if trained with that gamma);
-      3. while tau_g < 1, right of every frame that may insert, with p = reveal_prob(tau_g, tau_g + du),
+      2. flow (Eq. 4): a frame inserted at s_i moves to t_i' = clip(tau' - s_i, 0, 1)^gamma, the time its
+         training state has at tau_g = tau' (Appendix E: exact if trained with that gamma), by
+         x_i += (t_i' - t_i) v_i; context frames stay at t = 1;
+      3. while tau_g < 1, right of every frame that may insert, with p = reveal_prob(tau_g, tau'),
          Poisson(lam_j p) new frames (Appendix B.3, Eq. 34) or, 'bernoulli', one w.p. min(1, lam_j p)
-         (Algorithm 1); new frames are N(0, I) noise with t = u = 0; lam_j <= e^30, beyond any real rate;
-      4. tau_g advances along time_grid (max_reveal_prob = 1: Algorithm 1's), then by h = 1 / steps.
-    The loop ends when every frame is clean. Returns a list of Sample.
+         (Algorithm 1, which draws p at t_g after the update: ours is exact for the step it covers); new
+         frames are N(0, I) noise with s_i = tau', t_i = 0; lam_j <= e^30, beyond any real rate.
+    Returns a list of Sample.
     """
     kappa = kappa or LinearKappa()
     assert sampler in ("poisson", "bernoulli"), sampler
@@ -729,32 +800,31 @@ def generate(model, num_videos, frame_shape, kappa=None, n_start=1, steps=100, s
     ctx = prompt.context.to(device)  # (B, F0)
     noise = torch.randn((B, ctx.shape[1], *frame_shape), generator=generator, device=device, dtype=dtype)
     x = torch.where(ctx[..., None, None, None], prompt.frames.to(device, dtype), noise)  # (B, F0, C, H, W)
-    state = SamplerState(x=x, t=ctx.float(), u=ctx.float(), mask=torch.ones_like(ctx), context=ctx,
+    state = SamplerState(x=x, t=ctx.float(), mask=torch.ones_like(ctx), context=ctx,
                          passive=prompt.passive.to(device), insert_time=torch.zeros(ctx.shape, device=device),
                          tau_g=0.0, step=0, refused=torch.zeros(B, dtype=torch.long, device=device))
     guided = bool(ctx.any()) and (cfg_scale != 1 or rate_guidance != 1)
     nfe = torch.zeros(B, dtype=torch.long, device=device)
-    for step in range(len(grid) + steps + 1):  # grid[step] == tau_g while tau_g < 1
-        unfinished = ((state.t < 1) & state.mask).any(dim=1)  # (B,)
-        if state.tau_g >= 1 and not unfinished.any():
+    later = iter(grid[1:])
+    for _ in range(len(grid) + steps + 1):
+        tau_g, unfinished = state.tau_g, ((state.t < 1) & state.mask).any(dim=1)  # (B,)
+        if tau_g >= 1 and not unfinished.any():
             break
         # 1. one forward pass (two with guidance)
         v, log_lam = guided_forward(model, state, rate_guidance, cfg_scale)
-        nfe += (unfinished | (state.tau_g < 1)) * (2 if guided else 1)  # evaluations until a video is done
-        # 2. flow step on the solver coordinate, Eq. (4); a frame reaching u = 1 takes exactly 1 - u_i
-        tau_next = grid[step + 1] if step + 1 < len(grid) else state.tau_g + 1 / steps
-        du, mask = tau_next - state.tau_g, state.mask
-        finishes = (du >= (1 - state.u) - 1e-6) & mask  # 1e-6: float slack, so that k h lands on 1
-        u = torch.where(finishes, 1.0, torch.where(mask, state.u + du, 0.0))  # (B, F)
-        t = u**gamma  # (B, F) Appendix E
-        dt = t - state.t  # (B, F) 0 for context, finished and padded frames
-        moving = (dt > 0)[..., None, None, None]  # frozen and padded frames ignore v, even NaN
-        x = torch.where(moving, state.x + dt[..., None, None, None].to(state.x.dtype) * v, state.x)
-        state = replace(state, x=x, t=t, u=u, tau_g=tau_next, step=state.step + 1)
+        nfe += (unfinished | (tau_g < 1)) * (2 if guided else 1)  # evaluations until a video is done
+        # 2. flow every frame to its time at the next global time, Eq. (4)
+        tau_next = next(later) if tau_g < 1 else tau_g + 1 / steps
+        u = (tau_next - state.insert_time).clamp(0, 1)  # (B, F) clip(tau_i) at tau_next
+        u = torch.where(u > 1 - 1e-6, 1.0, u)  # float slack, so that k steps of h land on 1
+        t = torch.where(state.context | ~state.mask, state.t, u**gamma)  # (B, F)              Appendix E
+        dt = (t - state.t)[..., None, None, None]  # 0 for context, finished and padded frames
+        x = torch.where(dt > 0, state.x + dt.to(state.x.dtype) * v, state.x)  # frozen frames ignore v, even NaN
+        state = replace(state, x=x, t=t, tau_g=tau_next, step=state.step + 1)
         # 3. insertions right of every frame that may insert, while tau_g < 1 (Algorithm 1, line 9)
-        if step + 1 < len(grid):
-            p = float(kappa.reveal_prob(torch.tensor(grid[step]), torch.tensor(tau_next)))
-            rate = torch.where(mask & ~state.passive, log_lam.float().clamp(max=30).exp() * p, 0.0)  # (B, F)
+        if tau_g < 1:
+            p = float(kappa.reveal_prob(torch.tensor(tau_g), torch.tensor(tau_next)))
+            rate = torch.where(state.mask & ~state.passive, log_lam.float().clamp(max=30).exp() * p, 0.0)  # (B, F)
             if sampler == "poisson":
                 n_new = torch.poisson(rate, generator=generator)  # Eq. (34)
             else:
@@ -768,16 +838,56 @@ def generate(model, num_videos, frame_shape, kappa=None, n_start=1, steps=100, s
                    context=state.context[b, m]) for b, (m, n) in enumerate(zip(state.mask, state.refused))]
 
 
-def full_sequence(model):
-    """The full-sequence baseline (Config.full_sequence trains it), as generate runs it: every frame a start
-    frame (n_start, or make_prompt(..., n_start)), max_reveal_prob=1, no rate guidance; this model never
-    inserts (lam = e^-10000 = 0), so each frame takes exactly `steps` Euler steps."""
+def never_inserts(model):
+    """A model whose rate is 0 (lam = e^-10000): generate then runs the full-sequence baseline, every frame a
+    start frame (n_start, or make_prompt(..., n_start)) taking exactly `steps` steps (max_reveal_prob=1)."""
 
-    def no_insertions(*inputs):
-        v, log_lam = model(*inputs)
+    def no_insertions(*inputs, **kwargs):
+        v, log_lam = model(*inputs, **kwargs)
         return v, torch.full_like(log_lam, -1e4)
 
     return no_insertions
+
+
+class KVCache:
+    """The keys and values of the frames a causal model has generated, per block (Appendix D, 'with caching'):
+    a clean frame's never change, as it never sees the later frames. attend(block, k, v) puts the cached
+    ones first; with keep, the call's frame joins the cache."""
+
+    def __init__(self, depth):
+        self.kv, self.keep, self.frames = [None] * depth, False, 0
+
+    def attend(self, block, k, v):  # (B, heads, L+1, hd) each
+        if self.kv[block] is not None:
+            k, v = torch.cat([self.kv[block][0], k], dim=2), torch.cat([self.kv[block][1], v], dim=2)
+        if self.keep:
+            self.kv[block] = (k, v)
+        return k, v
+
+
+def generate_ar(model, context, length, cache=None, **kwargs):
+    """The AR baselines (Section 4.1): one frame after another up to `length`, each flowed from noise in
+    exactly `steps` Euler steps (generate's kwargs) with every earlier frame as clean context (an extend
+    prompt). context (B, A, C, H, W): the given frames, A >= 0. cache: an empty KVCache, for an ar_causal
+    model: each evaluation then runs the new frame alone, O(j L^2) at frame j. -> (B, length, ...), NFE."""
+    frames, nfe, B = context, 0, len(context)
+
+    def new_frame(x_t, t, mask, cond):  # generate's state: the cached frames, then the new one
+        j = x_t.shape[1] - 1
+        position = torch.full_like(mask[:, j:], j, dtype=torch.long)  # (B, 1)
+        v, log_lam = model(x_t[:, j:], t[:, j:], mask[:, j:], cond[:, j:], position * 0, position, cache)
+        return torch.cat([torch.zeros_like(x_t[:, :j]), v], 1), torch.cat([torch.zeros_like(t[:, :j]), log_lam], 1)
+
+    for j in range(context.shape[1], length):
+        for i in range(cache.frames if cache else j, j):  # the clean frames not in the cache join it
+            cache.keep, cache.frames, ones = True, i + 1, torch.ones(B, i + 1, device=frames.device)
+            new_frame(frames[:, : i + 1], ones, ones.bool(), frames[:, : i + 1])
+            cache.keep = False
+        out = generate(never_inserts(model if cache is None else new_frame), B, frames.shape[2:],
+                       prompt=make_prompt("extend", frames) if j else None, max_reveal_prob=1.0, **kwargs)
+        frames = torch.cat([frames, torch.stack([s.frames[-1] for s in out])[:, None]], dim=1)
+        nfe += out[0].nfe
+    return frames, nfe
 
 
 #################################################################################

@@ -3,7 +3,7 @@
     python sample.py                                # out/toy/ckpt.pt (EMA weights), 512 videos
     python sample.py --ckpt out/toy_tasks/ckpt.pt --task interp --anchors 1  # first, middle, last given
     python sample.py --steps 100 --sampler bernoulli --max-reveal-prob 1   # Algorithm 1 exactly
-    python sample.py --full-sequence                # the full-sequence baseline at the data's lengths
+    python sample.py --paradigm full_sequence       # the full-sequence baseline at the data's lengths
 
 Toy checkpoints: the length histogram, toy_data's metrics, samples.pt, videos.png (Figures 5/6: each
 frame's insertion time under it, context frames dashed). Latent presets: mp4s, by the latents' VAE.
@@ -39,9 +39,12 @@ def parse_args(argv=None):
     arg("--rate-guidance", type=float, default=1.0, help="rate guidance w, Eq. (13) (1: off)")
     arg("--cfg", type=float, default=1.0, help="velocity classifier-free guidance scale (1: off)")
     arg("--gamma", type=float, help="per-frame time t = u^gamma (Appendix E; default: the training gamma)")
-    arg("--full-sequence", action="store_true", help="the baseline: every frame a start frame, at the data's "
-        "lengths (or --length), exactly --steps steps each; automatic for a baseline checkpoint")
-    arg("--length", type=int, help="the baseline's length (default: the data law, or the context's video)")
+    arg("--paradigm", choices=fc.PARADIGMS, help="default: the checkpoint's; a Flowception checkpoint also samples "
+        "as full_sequence. The baselines take --steps steps per frame, at --length (or as long as the context's "
+        "video, or the data law)")
+    arg("--kv-cache", action=argparse.BooleanOptionalAction, default=True, help="ar_causal: cache the keys and "
+        "values of the earlier frames (the same frames, fewer FLOPs)")
+    arg("--length", type=int, help="the baselines' length (default: the data law, or the context's video)")
     arg("--vae", help="latent presets: the LTX VAE that decodes to mp4 (default: the latents' own)")
     arg("--fps", type=float, help="latent presets: frame rate of the mp4s (default: the training clips')")
     arg("--decode-timestep", type=float, help="latent presets: the decode timestep of a timestep-conditioned "
@@ -67,10 +70,15 @@ def check_numbers(args):
 def load_model(args):
     """-> (model, config, label); a one-line error for what the checkpoint cannot do."""
     ckpt, cfg = fc.load_checkpoint(args.ckpt)
-    if args.task != "uncond" and not fc.parse_tasks(cfg.tasks).get(args.task):
+    args.paradigm = args.paradigm or cfg.paradigm
+    allowed = (cfg.paradigm, "full_sequence") if cfg.paradigm == "flowception" else (cfg.paradigm,)
+    if args.paradigm not in allowed:
+        raise ValueError(f"{args.ckpt} is a {cfg.paradigm} model: it samples as {' or '.join(allowed)}")
+    ar = cfg.paradigm.startswith("ar")  # its training gives any number of first frames: i2v and extend too
+    if args.task != "uncond" and not (ar and args.task != "interp") and not fc.parse_tasks(cfg.tasks).get(args.task):
         raise ValueError(f"{args.ckpt} was trained on tasks {cfg.tasks!r}, not {args.task!r} (see --tasks)")
-    if (args.rate_guidance != 1 or args.cfg != 1) and cfg.cond_dropout == 0:
-        raise ValueError(f"guidance needs a model trained with conditioning dropout: {args.ckpt} has none")
+    if (args.rate_guidance != 1 or args.cfg != 1) and (cfg.cond_dropout == 0 or args.paradigm != "flowception"):
+        raise ValueError(f"guidance needs a Flowception model trained with conditioning dropout: {args.ckpt} is not")
     model = fc.build_model(cfg)
     model.load_state_dict(ckpt["ema"])
     args.data_info = ckpt.get("data") or {}  # the latents' VAE and fps
@@ -104,11 +112,11 @@ def context_frames(args, cfg):
 
 
 def baseline_lengths(args, cfg, frames, source_lengths):
-    """--full-sequence: a length per video, --length, the context's own video's or the data law's."""
+    """The baselines' length of each video: --length, the context's own video's or the data law's."""
     if args.task == "interp":
-        raise ValueError("the full-sequence baseline needs every gap's length: not interp")
+        raise ValueError("the baselines need every gap's length: not interp")
     if cfg.data != "toy" and not args.length:
-        raise ValueError("the full-sequence baseline of a latent preset needs --length")
+        raise ValueError("the baselines of a latent preset need --length")
     law = toy_data.sample_toy_videos(args.num, torch.Generator().manual_seed(HELD_OUT + args.seed))[1]
     lengths = torch.full((args.num,), args.length) if args.length else law if source_lengths is None else source_lengths
     given = 0 if frames is None else frames.shape[1]  # context frames
@@ -119,22 +127,29 @@ def baseline_lengths(args, cfg, frames, source_lengths):
 
 
 def generate_all(model, args, cfg, frames, lengths=None):
-    """args.num videos, args.batch_size at a time, from the context frames (or none). With lengths: the
-    full-sequence baseline, one length per batch, every frame a start frame and nothing inserted."""
-    kwargs = dict(frame_shape=(cfg.channels, cfg.height, cfg.width), kappa=fc.KAPPAS[cfg.kappa](), steps=args.steps,
-                  sampler=args.sampler, max_reveal_prob=args.max_reveal_prob, device=args.device,
-                  max_frames=args.max_frames, rate_guidance=args.rate_guidance, cfg_scale=args.cfg,
-                  gamma=args.gamma, generator=torch.Generator(args.device).manual_seed(args.seed))
-    index, A, B = torch.arange(args.num), 0 if frames is None else frames.shape[1], args.batch_size
-    if lengths is None:
+    """args.num videos, args.batch_size at a time, from the context frames (or none). With lengths: a
+    baseline, one length per batch: full sequence (every frame a start frame, nothing inserted) or AR."""
+    shape, A = (cfg.channels, cfg.height, cfg.width), 0 if frames is None else frames.shape[1]
+    flow = dict(steps=args.steps, gamma=args.gamma, device=args.device,
+                generator=torch.Generator(args.device).manual_seed(args.seed))
+    kwargs = dict(kappa=fc.KAPPAS[cfg.kappa](), sampler=args.sampler, max_reveal_prob=args.max_reveal_prob,
+                  max_frames=args.max_frames, rate_guidance=args.rate_guidance, cfg_scale=args.cfg, **flow)
+    index, B = torch.arange(args.num), args.batch_size
+    if lengths is None:  # Flowception: n_start start frames, or one after the context
         jobs = [(rows, cfg.n_start if frames is None else 1) for rows in index.split(B)]
-    else:  # every frame takes exactly `steps` steps: max_reveal_prob 1, and no rate to guide
-        model, kwargs["max_reveal_prob"], kwargs["rate_guidance"] = fc.full_sequence(model), 1.0, 1.0
-        jobs = [(rows, n - A) for n in lengths.unique().tolist() for rows in index[lengths == n].split(B)]
+    else:
+        jobs = [(rows, n) for n in lengths.unique().tolist() for rows in index[lengths == n].split(B)]
     samples = [None] * args.num
-    for rows, n_start in tqdm(jobs, desc="sampling", unit="batch"):
-        prompt = None if frames is None else fc.make_prompt(args.task, frames[rows], n_start)
-        out = fc.generate(model, len(rows), n_start=n_start, prompt=prompt, **kwargs)
+    for rows, n in tqdm(jobs, desc="sampling", unit="batch"):
+        context = torch.zeros(len(rows), 0, *shape) if frames is None else frames[rows]
+        if args.paradigm.startswith("ar"):  # n frames, one at a time
+            cache = fc.KVCache(cfg.depth) if args.paradigm == "ar_causal" and args.kv_cache else None
+            videos, nfe = fc.generate_ar(model, context.to(args.device), n, cache, **flow)
+            out = [fc.Sample(v, torch.zeros(n), nfe, 0, torch.arange(n) < A) for v in videos]
+        else:  # Flowception with n start frames, or the full-sequence baseline's n frames
+            net, n_start = (model, n) if lengths is None else (fc.never_inserts(model), n - A)
+            prompt = None if frames is None else fc.make_prompt(args.task, context, n_start)
+            out = fc.generate(net, len(rows), shape, n_start=n_start, prompt=prompt, **kwargs)
         for i, s in zip(rows.tolist(), out):
             samples[i] = fc.Sample(s.frames.cpu(), s.insert_time.cpu(), s.nfe, s.refused, s.context.cpu())
     return samples
@@ -155,17 +170,25 @@ def print_histogram(lengths, width=50):
         print(f"{n:6d} | {''.join(bar).rstrip():<{width + 1}} {counts[n].item():5d}")
 
 
+def picture(videos, under, width):
+    """Toy videos (F_i, 3, 1, 3) -> an image (5 rows per video, width): frames left to right, their 3 pixels
+    stacked, under them a row of colours (F_i, 3), then a gap."""
+    img = torch.ones(5 * len(videos), width, 3)
+    for r, (frames, colours) in enumerate(zip(videos, under)):
+        img[5 * r: 5 * r + 3, : len(frames)] = ((frames[:, :, 0, :].permute(2, 0, 1) + 1) / 2).clamp(0, 1)
+        img[5 * r + 3, : len(frames)] = colours
+    return img.numpy()
+
+
 def draw_videos(samples, path):
     """Figures 5/6: 8 videos, frames left to right, the 3 pixels stacked and a row for the insertion time."""
     if (plt := fc.pyplot()) is None:
         return
     videos, cmap = samples[:8], plt.get_cmap("viridis")
-    img = torch.ones(5 * len(videos), max(len(s.frames) for s in videos), 3)  # rows: 3 pixels, time, gap
-    for r, s in enumerate(videos):
-        img[5 * r: 5 * r + 3, : len(s.frames)] = ((s.frames[:, :, 0, :].permute(2, 0, 1) + 1) / 2).clamp(0, 1)
-        img[5 * r + 3, : len(s.frames)] = torch.tensor(cmap(s.insert_time.numpy())[:, :3])
+    img = picture([s.frames for s in videos], [torch.tensor(cmap(s.insert_time.numpy())[:, :3]) for s in videos],
+                  max(len(s.frames) for s in videos))
     fig, ax = plt.subplots(figsize=(img.shape[1] * 0.25 + 2.5, len(videos) * 1.25 + 1))
-    ax.imshow(img.numpy(), interpolation="nearest")
+    ax.imshow(img, interpolation="nearest")
     for r, s in enumerate(videos):
         for f in s.context.nonzero().flatten().tolist():
             ax.add_patch(plt.Rectangle((f - 0.5, 5 * r - 0.5), 1, 3, fill=False, linestyle="--"))
@@ -174,6 +197,37 @@ def draw_videos(samples, path):
     fig.tight_layout()
     fc.write_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)
+    print(f"wrote {path}")
+
+
+def draw_generation(model, args, cfg, path, n=4):
+    """generation.gif: n videos as generate makes them, a picture per step: every frame's 3 pixels and, under
+    them, its flow time t (black: noise, white: clean); new frames appear between the others."""
+    if (plt := fc.pyplot()) is None:
+        return
+    from PIL import Image  # matplotlib's own dependency
+
+    steps = []  # (x, t, mask, tau_g) after every step
+    keep = lambda s: steps.append((s.x.cpu(), s.t.cpu(), s.mask.cpu(), s.tau_g))  # noqa: E731
+    fc.generate(model, n, (cfg.channels, cfg.height, cfg.width), kappa=fc.KAPPAS[cfg.kappa](), steps=args.steps,
+                n_start=cfg.n_start, max_frames=args.max_frames, gamma=args.gamma, device=args.device,
+                generator=torch.Generator(args.device).manual_seed(args.seed), callback=keep)
+    width = max(int(mask.sum(1).max()) for _, _, mask, _ in steps)
+    image = lambda x, t, mask: picture([xb[m] for xb, m in zip(x, mask)],  # noqa: E731
+                                       [tb[m, None].expand(-1, 3) for tb, m in zip(t, mask)], width)
+    fig, ax = plt.subplots(figsize=(width * 0.25 + 1, n * 0.9 + 1))
+    im = ax.imshow(image(*steps[0][:3]), interpolation="nearest")
+    ax.set(xlabel="frame", yticks=[])
+
+    pictures = []
+    for x, t, mask, tau_g in steps:
+        im.set_data(image(x, t, mask))
+        ax.set_title(f"tau_g = {tau_g:.3f}; under each frame its t (black: noise, white: clean)")
+        fig.canvas.draw()
+        pictures.append(Image.frombuffer("RGBA", fig.canvas.get_width_height(), fig.canvas.buffer_rgba()))
+    plt.close(fig)
+    gif = dict(format="GIF", save_all=True, append_images=pictures[1:], duration=80, loop=0)
+    fc.write_atomically(path, lambda f: pictures[0].convert("RGB").save(f, **gif))
     print(f"wrote {path}")
 
 
@@ -198,14 +252,12 @@ def main(argv=None):
         check_numbers(args)
         args.device = fc.get_device(args.device)
         model, cfg, label = load_model(args)
-        if cfg.full_sequence and not args.full_sequence:
-            print("a full-sequence baseline checkpoint (no rate head trained): sampling with --full-sequence")
-            args.full_sequence = True
         args.gamma = cfg.gamma if args.gamma is None else args.gamma
         args.max_frames = args.max_frames or (2 if cfg.data == "toy" else 1) * cfg.max_frames
         frames, source_lengths = context_frames(args, cfg)
-        lengths = baseline_lengths(args, cfg, frames, source_lengths) if args.full_sequence else None
-        args.max_reveal_prob = 1.0 if args.full_sequence else args.max_reveal_prob
+        baseline = args.paradigm != "flowception"
+        lengths = baseline_lengths(args, cfg, frames, source_lengths) if baseline else None
+        args.max_reveal_prob = 1.0 if baseline else args.max_reveal_prob  # exactly --steps steps per frame
         out = args.out or os.path.dirname(args.ckpt) or "."
         lock = fc.hold_lock(out, ".sample.lock")  # until main returns: two samplers never mix their files
         vae = latent_vae(args) if cfg.data != "toy" else None  # fail before sampling
@@ -213,7 +265,7 @@ def main(argv=None):
         samples = generate_all(model, args, cfg, frames, lengths)
         lengths = torch.tensor([len(s.frames) for s in samples])
         nfe = torch.tensor([s.nfe for s in samples])
-        print(f"{label}: {args.num} videos, task {args.task}{' (full sequence)' * args.full_sequence}, "
+        print(f"{label}: {args.num} videos, task {args.task}, {args.paradigm}, "
               f"{args.sampler}, {args.steps} steps, max_reveal_prob {args.max_reveal_prob}, guidance "
               f"{args.rate_guidance}/{args.cfg}, gamma {args.gamma} | NFE per video "
               f"{nfe.float().mean():.0f}, {time.time() - t0:.0f} s")
@@ -240,6 +292,8 @@ def main(argv=None):
         print(f"content (data): {content} | FD {q['fd']:.3g} (data vs data {q['fd_floor']:.3g})")
         fc.write_atomically(os.path.join(out, "samples.pt"), lambda f: torch.save(result, f))
         draw_videos(samples, os.path.join(out, "videos.png"))
+        if args.paradigm == "flowception" and args.task == "uncond":
+            draw_generation(model, args, cfg, os.path.join(out, "generation.gif"))
     except (ValueError, OSError, ImportError) as e:  # a user's error, a missing package too: one line
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # Ctrl-C: files are written whole (fc.write_atomically), old or new

@@ -449,7 +449,7 @@ def test_insert_frames_places_new_frames_right_of_their_slot():
     x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0]])[..., None, None, None]
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
     ctx = torch.tensor([[1, 0, 0], [0, 1, 0]], dtype=torch.bool)
-    state = fc.SamplerState(x=x, t=torch.full((2, 3), 0.5) * mask, u=torch.full((2, 3), 0.5) * mask, mask=mask,
+    state = fc.SamplerState(x=x, t=torch.full((2, 3), 0.5) * mask, mask=mask,
                             context=ctx, passive=ctx, insert_time=torch.zeros(2, 3), tau_g=0.5,
                             step=1, refused=torch.zeros(2, dtype=torch.long))
     n_new = torch.tensor([[2, 0, 1], [0, 3, 7]])  # the 7 sits on padding: ignored
@@ -677,23 +677,77 @@ def test_gamma_matched_is_exact_and_mismatched_departs():
         assert lo <= d <= hi, (g_train, g_sample, d)
 
 
-def test_full_sequence_baseline():
-    lengths = torch.tensor([5, 9, 12] * 300)
-    s = fc.sample_training_state(lengths, generator=gen(0), full_sequence=True)
-    assert torch.equal(s.visible, s.valid) and (s.K == 0).all() and (s.tau_g < 1).all()
-    assert torch.allclose(s.t[s.valid], s.tau_g[:, None].expand_as(s.t)[s.valid])
+def test_baseline_states_have_the_papers_law():
+    """Appendix C.1: one flow time t = sigmoid(N(0, 1)) shared by the frames that flow; full sequence: every
+    frame; AR: frame j after j clean frames, j uniform on 0..n-1, nothing after it."""
+    lengths = torch.tensor([5, 9, 12] * 1000)
+    normal = torch.distributions.Normal(0.0, 1.0)
+    for paradigm in ("full_sequence", "ar", "ar_causal"):
+        s = fc.baseline_state(lengths, paradigm, generator=gen(0))
+        assert (s.K == 0).all() and torch.equal(s.t[s.active], s.tau_g[:, None].expand_as(s.t)[s.active])
+        assert (s.t[s.context] == 1).all() and not (s.active & s.context).any()
+        z = torch.logit(s.tau_g.double()).sort().values.float()  # N(0, 1) if t is logit-normal: a KS test
+        assert (normal.cdf(z) - torch.arange(1, len(z) + 1) / len(z)).abs().max() < 1.63 / math.sqrt(len(z))  # 1%
+        if paradigm == "full_sequence":
+            assert torch.equal(s.visible, s.valid) and torch.equal(s.active, s.valid)
+            continue
+        j = s.context.sum(dim=1)  # clean frames before the one that flows, which is the last visible one
+        assert (s.active.sum(1) == 1).all() and torch.equal(s.active.float().argmax(1), j)
+        assert torch.equal(s.visible.sum(1), j + 1) and torch.equal(s.passive, s.context)
+        for n in (5, 12):  # j uniform on 0..n-1: a chi-square test at 1e-3
+            counts = torch.bincount(j[lengths == n], minlength=n).double()
+            expected = counts.sum() / n
+            assert ((counts - expected) ** 2 / expected).sum() < {5: 18.5, 12: 31.3}[n]
+
+
+def test_full_sequence_baseline_samples_every_frame_in_steps():
     calls = []
     model = lambda x, t, m, c: (calls.append(1), (torch.full_like(x, 2.0), torch.full(m.shape, 9.0)))[1]  # noqa: E731
     for n in (5, 9):
         calls.clear()
-        out = fc.generate(fc.full_sequence(model), 3, (1, 1, 1), n_start=n, steps=20, max_reveal_prob=1.0, generator=gen(n))
+        out = fc.generate(fc.never_inserts(model), 3, (1, 1, 1), n_start=n, steps=20, max_reveal_prob=1.0, generator=gen(n))
         assert _lengths(out).tolist() == [n] * 3 and all((s.insert_time == 0).all() for s in out)  # no insertion
         assert len(calls) == 20 and all(s.nfe == 20 for s in out)  # exactly `steps` evaluations
         assert all(((s.frames - 2.0).abs().flatten() < 4).all() for s in out)  # x_0 + 2: moved by exactly 1 in t
     prompt = fc.make_prompt("i2v", torch.zeros(2, 1, 1, 1, 1), n_start=6)  # context, then 6 start frames
     assert prompt.context[0].tolist() == [True] + [False] * 6
-    out = fc.generate(fc.full_sequence(model), 2, (1, 1, 1), prompt=prompt, steps=20, max_reveal_prob=1.0, generator=gen(0))
+    out = fc.generate(fc.never_inserts(model), 2, (1, 1, 1), prompt=prompt, steps=20, max_reveal_prob=1.0, generator=gen(0))
     assert _lengths(out).tolist() == [7, 7] and all(s.context[0] and (s.frames[0] == 0) for s in out)
+
+
+def test_ar_sampling_goes_frame_by_frame_on_its_context():
+    """generate_ar: frame j is flowed in exactly `steps` evaluations, each seeing the j frames before it, clean
+    (in both streams, t = 1), and only them; the given frames come back unchanged."""
+    seen = []
+
+    def model(x, t, mask, cond, *rest):
+        seen.append((x.shape[1], t[0].tolist(), torch.equal(cond[:, :-1], x[:, :-1]), bool((cond[:, -1] == 0).all())))
+        return torch.full_like(x, 0.5) + x.mean(1, keepdim=True), torch.zeros(mask.shape)
+
+    context = torch.randn(2, 2, 1, 1, 1, generator=gen(0))
+    frames, nfe = fc.generate_ar(model, context, 5, steps=4, generator=gen(1))
+    assert frames.shape == (2, 5, 1, 1, 1) and torch.equal(frames[:, :2], context) and nfe == 3 * 4
+    assert [s[0] for s in seen] == [3] * 4 + [4] * 4 + [5] * 4  # frame j sees j + 1 frames, 4 steps each
+    assert all(s[1][:-1] == [1.0] * (s[0] - 1) and s[1][-1] == k / 4 for k, s in zip([0, 1, 2, 3] * 3, seen))
+    assert all(s[2] and s[3] for s in seen)  # earlier frames clean in both streams, the new one not given
+
+
+@pytest.mark.parametrize("A", [0, 1, 3])
+def test_the_kv_cache_gives_the_frames_of_the_causal_model(A):
+    """ar_causal: a frame never sees later ones, so keys and values of clean frames can be cached: the same
+    frames as without the cache, to float tolerance. The bidirectional AR model's context sees the new
+    frame: a cache would change its output (this is why only ar_causal takes one)."""
+    out = {}
+    for paradigm in ("ar_causal", "ar"):
+        cfg = fc.Config(**{**vars(SMALL), "paradigm": paradigm})
+        model = _randomised(cfg)
+        context = torch.randn(3, A, cfg.channels, cfg.height, cfg.width, generator=gen(2))
+        for cache in (None, fc.KVCache(cfg.depth)):
+            frames, nfe = fc.generate_ar(model, context, 6, cache, steps=5, generator=gen(3))
+            out[paradigm, cache is None] = frames
+            assert nfe == 5 * (6 - A)
+    assert torch.allclose(out["ar_causal", True], out["ar_causal", False], atol=1e-4)
+    assert not torch.allclose(out["ar", True], out["ar", False], atol=1e-2)
 
 
 def test_task_bad_input():
@@ -807,7 +861,7 @@ def test_dit_block_is_the_adaln_zero_formula():
     pos = torch.rand(B, F * L1, 3) * 5
     allowed = torch.rand(B, F * L1, F * L1) < 0.7
     allowed |= torch.eye(F * L1, dtype=torch.bool)
-    angles = fc.rope_angles(pos, D // heads)
+    angles = fc.rope_angles(pos, fc.Config(dim=D, heads=heads, height=2, width=2, patch=(1, 1), rope_frame_base=1e4))
     with torch.no_grad():
         out = block(x, c, angles.cos()[:, None], angles.sin()[:, None], allowed[:, None])
         b1, s1, g1, b2, s2, g2 = (nnf.silu(c) @ block.adaLN_modulation[1].weight.T
@@ -870,8 +924,33 @@ def test_rope_gives_no_channel_to_an_axis_without_extent():
     heads then rotates with the frame index, at distinct frequencies."""
     assert fc.rope_split(16, 2, 3) == (8, 4, 4) and fc.rope_split(16, 1, 3) == (12, 0, 4)
     assert fc.rope_split(16, 1, 1) == (16, 0, 0) and fc.rope_split(64, 8, 8) == (24, 20, 20)  # taichi256
-    angles = fc.rope_angles(torch.tensor([[0.0, 0, 0], [1.0, 0, 0]]), 16, 1, 1)  # frames 0 and 1 of the toy
+    angles = fc.rope_angles(torch.tensor([[0.0, 0, 0], [1.0, 0, 0]]), fc.PRESETS["toy"])  # frames 0 and 1 of the toy
     assert (angles[1] > 0).all() and len(angles[1].unique()) == 8
+
+
+def test_videorope_allocates_low_frequencies_to_time_lays_frames_on_the_diagonal_and_spaces_them():
+    """VideoRoPE (Wei et al. 2025), the latent presets' RoPE. Angles are affine in the position (f, row, col);
+    their slopes per unit of each axis show: (1) low-frequency temporal allocation: a quarter of the channels
+    turn with the frame index only, at the lowest frequencies, and rows and columns alternate on the others;
+    (2) diagonal layout: a frame's centre sits at (delta f, delta f, delta f), and the layout within a frame
+    does not depend on f; (3) adjustable temporal spacing: frame f at delta is frame delta f at 1."""
+    cfg = fc.PRESETS["taichi256"]  # 8 x 8 patches, heads of 64: 32 frequencies
+    at = lambda *p: fc.rope_angles(torch.tensor([p], dtype=torch.float32), cfg)[0]  # noqa: E731
+    slope = [at(*torch.eye(3)[a].tolist()) - at(0, 0, 0) for a in range(3)]  # (hd/2,) per unit of f, row, col
+    freqs = 10_000 ** (-torch.arange(0, 64, 2) / 64)
+    assert torch.allclose(slope[0], cfg.rope_delta * freqs)  # (2) every channel turns with the frame index...
+    spatial = (slope[1] != 0) | (slope[2] != 0)
+    assert not ((slope[1] != 0) & (slope[2] != 0)).any() and spatial.sum() == 24  # ...and each with one more axis
+    assert torch.equal(slope[1].nonzero().flatten(), torch.arange(0, 24, 2))  # (1) rows and columns in turn,
+    assert torch.equal(slope[2].nonzero().flatten(), torch.arange(1, 24, 2))
+    assert freqs[~spatial].max() < freqs[spatial].min()  # the frame-only quarter: the lowest frequencies
+    assert torch.allclose((slope[1] + slope[2])[spatial], freqs[spatial])  # one patch: one step of its frequency
+    for f in (0.0, 3.0, 17.0):  # (2) the centre on the diagonal; a frame's layout the same at every f
+        assert torch.allclose(at(f, 3.5, 3.5), cfg.rope_delta * f * freqs, atol=1e-5)
+        assert torch.allclose(at(f, 1, 6) - at(f, 3.5, 3.5), at(0, 1, 6) - at(0, 3.5, 3.5), atol=1e-5)
+    one = fc.Config(**{**vars(cfg), "rope_delta": 1.0})
+    pos = torch.rand(50, 3) * torch.tensor([18.0, 7, 7])
+    assert torch.allclose(fc.rope_angles(pos, cfg), fc.rope_angles(pos * torch.tensor([2.0, 1, 1]), one), atol=1e-4)
 
 
 @pytest.mark.parametrize("window", [0, 1])
@@ -1288,7 +1367,7 @@ def test_short_task_training_gives_i2v_interp_and_a_baseline(tmp_path, capsys):
     # add a sampling SD of about 0.04 (0.32, 0.28, 0.25 over three sampling seeds): worst seed + 2.5 SD
     assert interp["metrics"]["binned_tv"] <= 0.36
     capsys.readouterr()
-    train.main(["--preset", "toy_tasks", "--full-sequence", "--steps", "200", "--out", str(tmp_path / "full"), "--log-every", "100"])
+    train.main(["--preset", "toy_tasks", "--paradigm", "full_sequence", "--steps", "200", "--out", str(tmp_path / "full"), "--log-every", "100"])
     losses = [float(line.split("velocity ")[1].split()[0]) for line in capsys.readouterr().out.splitlines() if "velocity " in line]
     assert len(losses) == 2 and losses[1] < 0.8 * losses[0]  # it learns (measured: 0.96 -> 0.53)
     sample.main(["--ckpt", str(tmp_path / "full" / "ckpt.pt"), "--num", "64", "--task", "i2v", "--out", str(tmp_path / "f")])
@@ -1496,7 +1575,7 @@ def test_sampling_flops_flowception_vs_full_sequence():
     lengths = _lengths(out)
     full, nfe = FlopCounter(oracle, cfg), []
     for n in lengths.unique().tolist():  # the baseline at the same lengths
-        same = fc.generate(fc.full_sequence(full), int((lengths == n).sum()), (3, 1, 3), n_start=n, steps=10,
+        same = fc.generate(fc.never_inserts(full), int((lengths == n).sum()), (3, 1, 3), n_start=n, steps=10,
                            max_reveal_prob=1.0, generator=gen(n))
         nfe += [s.nfe for s in same]
     assert nfe == [10] * 64 and 10 < sum(s.nfe for s in out) / 64 <= 20
@@ -1512,7 +1591,7 @@ def test_training_flops_are_most_of_the_baselines_not_a_third():
     cfg = fc.Config(**{**vars(fc.PRESETS["toy"]), "batch_size": 4096})
     flops = []
     for full in (False, True):
-        c = fc.Config(**{**vars(cfg), "full_sequence": full})
+        c = fc.Config(**{**vars(cfg), "paradigm": "full_sequence" if full else "flowception"})
         batch = train.global_batch(c, fc.KAPPAS[c.kappa](), gen(0))
         flops.append(3 * sum(forward_flops(c, n) for n in batch.mask.sum(dim=1).tolist()))  # forward + backward
     assert 0.75 < flops[0] / flops[1] < 0.9
@@ -1643,7 +1722,8 @@ def test_checkpoints_of_another_version_or_with_bad_weights_are_named(tmp_path, 
     cases = {"newer": ({**ckpt, "config": {**ckpt["config"], "flux": 1}}, "unknown keys ['flux'] and lacks []"),
              "older": ({**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k != "gamma"}}, "lacks ['gamma']"),
              "shapes": ({**ckpt, "config": {**ckpt["config"], "dim": 32}}, "model weights do not fit its config"),
-             "nan": ({**ckpt, "ema": nan_ema}, "ema weights hold NaN or inf")}
+             "nan": ({**ckpt, "ema": nan_ema}, "ema weights hold NaN or inf"),
+             "empty": ({**ckpt, "config": {}}, "lacks ['batch_size', 'channels',")}  # a KeyError once
     for name, (bad, words) in cases.items():
         (tmp_path / name).mkdir()
         torch.save(bad, tmp_path / name / "ckpt.pt")
@@ -1663,6 +1743,9 @@ def test_checkpoints_of_another_version_or_with_bad_weights_are_named(tmp_path, 
     _one_line_error(code, "pre_rope.pt: it is older than the RoPE fix of one-patch frame axes", "retrain it")
     latent = {k: v for k, v in vars(fc.PRESETS["latent_tiny"]).items() if k != "rope_frame_base"}
     assert fc.Config.from_dict(latent).rope_frame_base == 10_000  # a 2x2 grid: split as before, the old base
+    before_ar = {k: v for k, v in ckpt["config"].items() if k != "paradigm"}  # the baseline was a flag
+    assert fc.Config.from_dict({**before_ar, "full_sequence": True}).paradigm == "full_sequence"
+    assert fc.Config.from_dict({**before_ar, "full_sequence": False}).paradigm == "flowception"
 
 
 def test_devices_data_and_folders_a_user_names(tmp_path, capsys, monkeypatch):
@@ -1696,13 +1779,13 @@ def test_sampling_flags_and_context_files(tmp_path, capsys):
     ckpt = ["--ckpt", str(tmp_path / "ckpt.pt"), "--num", "4"]
     for flags, words in ((["--cfg", "inf"], "--cfg must be in [0, 100], got inf"),
                          (["--max-frames", "-1"], "--max-frames must be in [1, 10000]"),
-                         (["--length", "0", "--full-sequence"], "--length must be in [1, 10000], got 0"),
+                         (["--length", "0", "--paradigm", "full_sequence"], "--length must be in [1, 10000], got 0"),
                          (["--rate-guidance", "nan"], "--rate-guidance must be in"),
                          (["--steps", "1000000"], "--steps must be in [1, 10000], got 1000000"),
                          (["--max-reveal-prob", "1e-9"], "--max-reveal-prob must be in [0.001, 1]"),
                          (["--out", str(tmp_path / "ckpt.pt")], "File exists"),
                          (["--task", "extend", "--prefix", "10", "--max-frames", "5"], "--max-frames 5 leaves room for 4"),
-                         (["--full-sequence", "--task", "extend", "--prefix", "15", "--num", "64"],  # it said "got None"
+                         (["--paradigm", "full_sequence", "--task", "extend", "--prefix", "15", "--num", "64"],  # it said "got None"
                           "--length must be in [16, 60] (given: 15), got none: the videos have 15 to 30 frames")):
         code, _ = _run_cli(sample.main, ckpt + flags, capsys)
         _one_line_error(code, words)

@@ -67,7 +67,8 @@ def parse_args(argv=None):
     arg("--hazard-weight", action="store_true", default=None, help="weight it by dkappa/(1 - kappa), Eq. 19")
     arg("--tasks", help=f"task mix, e.g. 'uncond:2,i2v:1' (tasks: {', '.join(fc.TASKS)})")
     arg("--cond-dropout", type=float, help="P(a video's context is dropped), for guidance")
-    arg("--full-sequence", action="store_true", default=None, help="train the full-sequence baseline")
+    arg("--paradigm", choices=fc.PARADIGMS, help="Flowception, or a baseline: full_sequence, ar (bidirectional), "
+        "ar_causal (causal by frame, a KV cache in sampling); the baselines draw t ~ sigmoid(N(0, 1))")
     arg("--gamma", type=float, help="per-frame time t = clip(tau, 0, 1)^gamma (Appendix E); sample with it")
     arg("--log-every", type=int, help="steps between log lines")
     arg("--ckpt-every", type=int, help="steps between checkpoints (0: none)")
@@ -228,8 +229,11 @@ def global_batch(cfg, kappa, data_rng, clips=None):
         lengths = torch.full((B,), F)
     # 2. each video's task (its context frames) and where each of its frames stands in extended time
     context, passive = fc.sample_context(lengths, cfg.tasks, data_rng)
-    state = fc.sample_training_state(lengths, kappa, cfg.n_start, None, data_rng, cfg.tau_density, context,
-                                     passive, cfg.full_sequence, cfg.gamma)
+    if cfg.paradigm == "flowception":
+        state = fc.sample_training_state(lengths, kappa, cfg.n_start, None, data_rng, cfg.tau_density, context,
+                                         passive, cfg.gamma)
+    else:  # the baselines: one shared flow time (the AR ones draw their own context)
+        state = fc.baseline_state(lengths, cfg.paradigm, context, passive, data_rng)
     # 3. what the model sees: the visible frames, noised to their own times, stripped and padded
     return fc.make_training_batch(x_1, state, generator=data_rng, cond_dropout=cfg.cond_dropout)
 
@@ -284,7 +288,7 @@ def forward_backward(net, model, batch, cfg, kappa, device, autocast):
             v, log_lam = net(mb.x_t, mb.t, mb.mask, mb.cond, mb.video, mb.position)
             loss_v = fc.velocity_loss(v, mb, count=n_active)  # this micro-batch's share of the global means
             loss_r = fc.rate_loss(log_lam, mb, kappa, cfg.hazard_weight, count=n_insert)
-            loss = loss_v + (0 if cfg.full_sequence else cfg.rate_weight) * loss_r  # baseline: no insertions
+            loss = loss_v + (cfg.rate_weight if cfg.paradigm == "flowception" else 0) * loss_r  # baselines: none
             (loss * world_size).backward()  # DDP averages over processes; the counts are already global
         losses += torch.stack([loss_v.detach(), loss_r.detach()]).double().cpu()
     if world_size > 1:  # the global batch's losses, for the log (on the device: nccl has no CPU tensors)
