@@ -58,6 +58,7 @@ def parse_args(argv=None):
     arg("--dim", type=int, help="model width")
     arg("--depth", type=int, help="DiT blocks")
     arg("--heads", type=int, help="attention heads")
+    arg("--rope", choices=fc.ROPES, help="RoPE over (frame, row, column): axial, or videorope (the paper's)")
     arg("--window", type=int, help="attention within +-window frames (0: the whole video)")
     arg("--count-embedding", action=flag, help="embed the frame count; --no-count-embedding: the paper's DiT")
     arg("--kappa", choices=fc.KAPPAS, help="insertion scheduler")
