@@ -1,8 +1,7 @@
-"""
-Flowception (arXiv 2512.11438): variable-length video generation that interleaves flow-matching
-denoising of frames with learned frame insertions. Read top to bottom, in the order of the method:
-config -> scheduler kappa -> training state in extended time (Algorithm 2) -> context patterns (tasks)
--> losses -> the DiT -> the sampler (Algorithm 1) -> LTX-Video latents and mp4 -> checkpoints.
+"""Flowception (arXiv 2512.11438): variable-length video generation that interleaves flow-matching
+denoising of frames with learned frame insertions. Read top to bottom, in the order of the method: config
+-> scheduler kappa -> training state in extended time (Algorithm 2) -> context patterns (tasks) -> losses
+-> the DiT -> the sampler (Algorithm 1) -> LTX-Video latents and mp4 -> checkpoints.
 
 time     t = 0 is noise, t = 1 is data: x_t = t x_1 + (1 - t) x_0; the velocity target is x_1 - x_0.
 shapes   B batch, F frames, C channels, H, W height and width, L patch tokens per frame, D model width;
@@ -32,9 +31,7 @@ from einops import rearrange
 from torch import nn
 from tqdm import tqdm
 
-#################################################################################
-#                                   Config                                      #
-#################################################################################
+#################################### Config #####################################
 
 
 # Flowception and the baselines of Section 4.1: full-sequence flow matching, and per-frame autoregressive
@@ -98,7 +95,7 @@ class Config:
         rules = ((">= 1", lambda x: x >= 1, counts),
                  (">= 0", lambda x: x >= 0, ("window", "pack", "warmup", "weight_decay", "grad_clip",
                                             "rate_weight", "ckpt_every")),
-                 ("in (0, 1e3]", lambda x: 0 < x <= 1e3, ("lr", "mlp_ratio", "gamma", "rope_delta")),  # lr 1e39
+                 ("in (0, 1e3]", lambda x: 0 < x <= 1e3, ("lr", "mlp_ratio", "gamma", "rope_delta")),
                  ("in [0, 1)", lambda x: 0 <= x < 1, ("ema_decay", "cond_dropout")))
         for rule, ok, names in rules:
             for name in names:
@@ -113,8 +110,8 @@ class Config:
             if value not in choices:
                 raise ValueError(f"{name} {value!r} is not one of {', '.join(choices)}")
         if self.paradigm.startswith("ar") and (self.tasks != "uncond" or self.window):
-            raise ValueError("the AR baselines draw their context (tasks 'uncond') and see all of it (window 0), "
-                             f"got tasks {self.tasks!r}, window {self.window}")
+            raise ValueError("the AR baselines draw their context (tasks 'uncond') and see all of it "
+                             f"(window 0), got tasks {self.tasks!r}, window {self.window}")
 
     @classmethod
     def from_dict(cls, d):
@@ -150,9 +147,7 @@ PRESETS = {
                         rope="videorope"),
 }
 
-#################################################################################
-#                     Scheduler kappa (Eq. 3, Lemma B.1)                        #
-#################################################################################
+###################### Scheduler kappa (Eq. 3, Lemma B.1) #######################
 
 
 class Kappa:
@@ -195,9 +190,7 @@ class LinearKappa(PolyKappa):
 
 KAPPAS = {"linear": LinearKappa, "poly": PolyKappa}
 
-#################################################################################
-#            Training state in extended time (Eqs. 6-10, 27, Algorithm 2)       #
-#################################################################################
+######### Training state in extended time (Eqs. 6-10, 27, Algorithm 2) ##########
 
 
 @dataclass
@@ -234,15 +227,14 @@ def sample_tau_g(n, density="uniform", generator=None, device=None):
 def pending_counts(visible, valid):
     """K_j: the deleted frames between visible frame j and the next visible one (or the video's end). Every
     deleted frame belongs to the last visible frame on its left (frame 0 is always visible)."""
-    B, F = visible.shape
-    index = torch.arange(F, device=visible.device).expand(B, F)
+    index = torch.arange(visible.shape[1], device=visible.device).expand_as(visible)  # (B, F)
     owner = torch.where(visible, index, -1).cummax(dim=1).values  # (B, F) last visible frame at or before i
     deleted = (valid & ~visible).long()
     return torch.zeros_like(deleted).scatter_add_(1, owner.clamp_min(0), deleted)
 
 
 def choose(allowed, k, generator=None):
-    """(B, F) bool: k[b] frames of row b, a uniform subset of its allowed ones (frame 0 always, if allowed)."""
+    """(B, F) bool: k[b] of row b's allowed frames, a uniform subset (frame 0 always, if allowed)."""
     score = torch.rand(allowed.shape, generator=generator, device=allowed.device)  # (B, F)
     score = torch.where(allowed, score.index_fill(1, torch.tensor([0], device=allowed.device), -1.0), 2.0)
     return allowed & (score.argsort(dim=1).argsort(dim=1) < k[:, None])  # the k lowest scores: a random order
@@ -252,14 +244,12 @@ def sample_training_state(lengths, kappa=None, n_start=1, tau_g=None, generator=
                           context=None, passive=None, gamma=1.0):
     """The extended-time state of a batch of videos of the given lengths (B,): Algorithm 2. tau_g: None
     (drawn from tau_density), or a float or (B,) tensor that fixes it. context, passive: (B, F) patterns.
-    Start frames have s_i = 0. Without context: frame 0 (nothing is ever inserted left of it) and
-    n_start - 1 frames uniform among the others. With context, which always begins a video: one start
-    frame, uniform among the free frames before the next context frame; it is the model's clock (its t is
-    tau_g), and the sampler puts it right after the leading context (make_prompt). A state with no active
-    frame is one the sampler never visits (it stops once every frame is clean): such rows redraw s, and
-    tau_g with it unless it is fixed. The paper's shortcut tau_g ~ U(0, max_i s_i + 1) instead tilts the
-    law of s by 1 / (max_i s_i + 1) (tested).
-    """
+    Start frames (s_i = 0) without context: frame 0 (nothing is ever inserted left of it) and n_start - 1
+    uniform among the others. With context, which always begins a video: one, uniform among the free frames
+    before the next context frame, the model's clock (its t is tau_g), where make_prompt puts it. A state
+    with no active frame is one the sampler never visits (it stops once every frame is clean): such rows
+    redraw s, and tau_g unless it is fixed. The paper's shortcut tau_g ~ U(0, max_i s_i + 1) instead tilts
+    the law of s by 1 / (max_i s_i + 1) (tested)."""
     kappa = kappa or LinearKappa()
     lengths = torch.as_tensor(lengths, dtype=torch.long)
     device, B, F = lengths.device, len(lengths), int(lengths.max())
@@ -304,20 +294,17 @@ def baseline_state(lengths, paradigm, context=None, passive=None, generator=None
     lengths = torch.as_tensor(lengths, dtype=torch.long)
     device, B, F = lengths.device, len(lengths), int(lengths.max())
     i, t = torch.arange(F, device=device), torch.sigmoid(torch.randn(B, generator=generator, device=device))
-    valid = i < lengths[:, None]  # (B, F)
+    valid = visible = i < lengths[:, None]  # (B, F)
     if paradigm == "full_sequence":
-        visible = valid
         context = valid & (context if context is not None else torch.zeros_like(valid))
         passive = valid & (passive if passive is not None else torch.zeros_like(valid))
     else:
         assert paradigm in ("ar", "ar_causal"), paradigm
         j = (torch.rand(B, generator=generator, device=device) * lengths).long()[:, None]  # (B, 1)
-        visible, context = i <= j, i < j
-        passive = context
+        visible, context, passive = i <= j, i < j, i < j
     tau = torch.where(context, 1.0, t[:, None])  # (B, F)
-    return TrainingState(tau_g=t, tau=tau, t=tau, visible=visible, active=visible & ~context,
-                         K=torch.zeros(B, F, dtype=torch.long, device=device), valid=valid, context=context,
-                         passive=passive)
+    return TrainingState(tau_g=t, tau=tau, t=tau, visible=visible, active=visible & ~context, passive=passive,
+                         K=torch.zeros_like(valid, dtype=torch.long), valid=valid, context=context)
 
 
 @dataclass
@@ -364,9 +351,7 @@ def make_training_batch(x_1, state, generator=None, cond_dropout=0.0):
                          position=torch.arange(mask.shape[1], device=mask.device).expand(mask.shape))
 
 
-#################################################################################
-#                  Context patterns: the tasks of Figure 4                      #
-#################################################################################
+#################### Context patterns: the tasks of Figure 4 ####################
 
 # A context frame is clean (t = 1), is given in both the noisy and the conditioning stream, never moves,
 # and is active (it may insert to its right) or passive (it may not).
@@ -405,7 +390,6 @@ def sample_context(lengths, tasks="uncond", generator=None):
     task = torch.multinomial(torch.tensor(list(mix.values())), B, replacement=True, generator=generator)
     is_task = lambda name: (task == names.index(name) if name in names else none[:, 0])[:, None]  # noqa: E731
     i, n = torch.arange(F), lengths[:, None]  # (F,), (B, 1)
-    # interp: frames 0 and n - 1 (passive), and 0, 1 or 2 uniform anchors among frames 2..n-2
     anchors = choose((i >= 2) & (i <= n - 2), torch.randint(0, 3, (B,), generator=generator), generator)
     interp = is_task("interp") & ((i == 0) | (i == n - 1) | anchors)
     # extend: the first j frames, j uniform on 2..max(2, n // 2)
@@ -416,9 +400,7 @@ def sample_context(lengths, tasks="uncond", generator=None):
     return context & (i < n), passive & (i < n)  # nothing beyond a video's end
 
 
-#################################################################################
-#                       Losses (Eqs. 11, 12, 19, 20)                            #
-#################################################################################
+######################### Losses (Eqs. 11, 12, 19, 20) ##########################
 
 
 def velocity_loss(v, batch, count=None):
@@ -441,9 +423,7 @@ def rate_loss(log_lam, batch, kappa=None, hazard_weight=False, count=None):
     return nll.sum() / (batch.can_insert.sum().clamp_min(1) if count is None else count)
 
 
-#################################################################################
-#                  The DiT, with per-frame time (Section 3.4)                   #
-#################################################################################
+################## The DiT, with per-frame time (Section 3.4) ###################
 
 
 def modulate(x, shift, scale):
@@ -475,12 +455,12 @@ def rope_split(head_dim, rows=2, cols=2):
 
 
 def rope_angles(pos, cfg):
-    """RoPE positions (..., 3) over (frame, row, column) -> rotation angles (..., head_dim / 2) of cfg's heads.
-    axial: a block of channels per axis (rope_split), the frame axis at 1 .. 1/rope_frame_base rad per frame,
-    rows and columns at 1 .. 1/10,000 rad per patch. videorope (Wei et al. 2025, the paper's, Section 4.1):
-    one RoPE's frequencies 1 .. 1/10,000 rad, the lowest quarter to the frame axis (low-frequency temporal
+    """RoPE positions (..., 3) over (frame, row, column) -> angles (..., head_dim / 2) for cfg's heads. axial:
+    a block of channels per axis (rope_split), the frame axis at 1 .. 1/rope_frame_base rad per frame, rows
+    and columns at 1 .. 1/10,000 rad per patch. videorope (Wei et al. 2025, the paper's, Section 4.1): one
+    RoPE's frequencies 1 .. 1/10,000 rad, the lowest quarter to the frame axis (low-frequency temporal
     allocation), the others to rows and columns in turn, at positions (delta f, delta f + row, delta f +
-    column) with rows and columns counted from the frame's centre (diagonal layout), delta = rope_delta
+    column), rows and columns counted from the frame's centre (diagonal layout), delta = rope_delta
     (adjustable temporal spacing). The official code keeps the allocation, not the layout (README)."""
     head_dim, rows, cols = cfg.dim // cfg.heads, cfg.height // cfg.patch[0], cfg.width // cfg.patch[1]
     if cfg.rope == "videorope":
@@ -590,8 +570,8 @@ class Flowception(nn.Module):
         return torch.cat([position[:, :, None, None].float().expand(*hw.shape[:3], 1), hw], dim=-1)
 
     def attention_mask(self, video, position, L1):
-        """(B, 1, N, N) bool: a token attends to the tokens of its own video (within +-window frames; ar_causal:
-        of its own frame and the earlier ones)."""
+        """(B, 1, N, N) bool: a token attends to its own video's tokens (within +-window frames; ar_causal: of
+        its own frame and the earlier ones)."""
         video, position = video.repeat_interleave(L1, dim=1), position.repeat_interleave(L1, dim=1)  # (B, N)
         allowed = video[:, :, None] == video[:, None, :]  # (B, N, N)
         if self.cfg.window:
@@ -612,9 +592,9 @@ class Flowception(nn.Module):
         x = self.x_embedder(tokens.to(self.x_embedder.weight.dtype))  # (B, F, L, D)
         x = torch.cat([x, self.rate_token.to(x.dtype).expand(B, F, 1, -1)], dim=2)  # (B, F, L+1, D)
         c = self.t_embedder(t)  # (B, F, D) per-frame conditioning
-        if self.count_embedder is not None:  # the number of frames a frame sees: its video's (causal: up to it)
-            causal = cfg.paradigm == "ar_causal"
-            c = c + self.count_embedder(position + 1 if causal else (video[:, :, None] == video[:, None, :]).sum(2))
+        if self.count_embedder is not None:  # the frames a frame sees: its video's (causal: up to its own)
+            same = video[:, :, None] == video[:, None, :]  # (B, F, F)
+            c = c + self.count_embedder(position + 1 if cfg.paradigm == "ar_causal" else same.sum(2))
         angles = rope_angles(self.positions(position).flatten(1, 2), cfg)  # (B, N, hd/2)
         cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # (B, 1, N, hd/2)
         assert cache is None or F == 1, "a KV cache runs one frame per row"
@@ -622,9 +602,8 @@ class Flowception(nn.Module):
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else functools.partial(cache.attend, i)  # block i's part of the cache
             if cfg.checkpointing and torch.is_grad_enabled():  # keep only block inputs; recompute in backward
-                x = torch.utils.checkpoint.checkpoint(block, x, c, cos, sin, attn_mask, use_reentrant=False)
-            else:
-                x = block(x, c, cos, sin, attn_mask, kv)  # (B, F, L+1, D)
+                block = functools.partial(torch.utils.checkpoint.checkpoint, block, use_reentrant=False)
+            x = block(x, c, cos, sin, attn_mask, kv)  # (B, F, L+1, D)
         shift, scale = self.final_modulation(c)[:, :, None].chunk(2, dim=-1)  # (B, F, 1, D)
         x = modulate(self.final_norm(x), shift, scale)  # (B, F, L+1, D) final adaLN, rate token too
         out = self.final_linear(x[:, :, :-1])  # (B, F, L, ph pw C)
@@ -638,9 +617,7 @@ def build_model(cfg):
     return Flowception(cfg)
 
 
-#################################################################################
-#                  The sampler (Algorithm 1, Appendix B.3, E)                   #
-#################################################################################
+################## The sampler (Algorithm 1, Appendix B.3, E) ###################
 
 
 @dataclass
@@ -660,13 +637,12 @@ def make_prompt(task, frames, n_start=1):
     B, A = frames.shape[:2]
     assert A == 1 if task == "i2v" else A >= (2 if task == "interp" else 1), f"{task} with {A} context frames"
     assert n_start == 1 or task != "interp", "the baseline of interp would need the length of every gap"
-    passive = {"i2v": [False], "interp": [False] * (A - 1) + [True], "extend": [True] * (A - 1) + [False]}
-    passive = passive[task]
+    passive = [task == "extend"] * (A - 1) + [task == "interp"]  # of the context frames
     at = A if task == "extend" else 1  # where the start frames go
     starts = torch.zeros_like(frames[:, :1]).expand(-1, n_start, -1, -1, -1)
     frames = torch.cat([frames[:, :at], starts, frames[:, at:]], dim=1)
-    context = torch.arange(A + n_start, device=frames.device)
-    context = (context < at) | (context >= at + n_start)
+    i = torch.arange(A + n_start, device=frames.device)
+    context = (i < at) | (i >= at + n_start)
     passive = torch.tensor(passive[:at] + [False] * n_start + passive[at:], device=frames.device)
     return Prompt(frames=frames, context=context.expand(B, -1).clone(), passive=passive.expand(B, -1).clone())
 
@@ -683,8 +659,7 @@ def time_grid(kappa, steps, max_reveal_prob=0.1, floor=1e-4):
     while grid[-1] < 1:
         assert len(grid) <= most, f"time_grid took over {most} steps: is kappa.inverse the inverse of kappa?"
         t = grid[-1]
-        nxt = t + 1 / steps
-        nxt = 1.0 if nxt > 1 - 1e-9 else nxt  # no sliver of a step from accumulated rounding
+        nxt = t + 1 / steps if t + 1 / steps <= 1 - 1e-9 else 1.0  # no sliver of a step from rounding
         if max_reveal_prob < 1:
             if 1 - kap(t) < floor:
                 nxt = 1.0
@@ -730,8 +705,7 @@ class Sample:
 def insert_frames(state, n_new, tau_g, max_frames, generator=None):
     """Insert n_new[b, j] noise frames (t = 0) right after frame j of row b, every slot at once: Algorithm 1's
     ins(X, j, eps). Insertions past max_frames are refused (leftmost slots first); no frame is evicted."""
-    x, mask = state.x, state.mask
-    B, F = mask.shape
+    x, mask, (B, F) = state.x, state.mask, state.mask.shape
     n_new = n_new.long() * mask
     n = mask.sum(dim=1)  # (B,)
     before = n_new.cumsum(dim=1) - n_new  # (B, F) insertions asked for left of slot j
@@ -773,22 +747,19 @@ def guided_forward(model, state, rate_guidance=1.0, cfg_scale=1.0):
 def generate(model, num_videos, frame_shape, kappa=None, n_start=1, steps=100, sampler="poisson",
              max_reveal_prob=0.1, max_frames=64, generator=None, callback=None, device=None,
              dtype=torch.float32, prompt=None, rate_guidance=1.0, cfg_scale=1.0, gamma=1.0):
-    """Generate variable-length videos: Euler flow steps interleaved with frame insertions (Algorithm 1).
+    """Variable-length videos (a list of Sample): Euler steps interleaved with insertions (Algorithm 1).
 
     model: any callable model(x_t, t, mask, cond) -> (v, log_lam). prompt: the context and start frames to
     begin from (make_prompt); None: n_start start frames. The global time tau_g walks time_grid to 1
     (max_reveal_prob = 1: Algorithm 1's uniform steps), then steps of h = 1 / steps until every frame is
     clean. Each step, from tau_g to the next time tau', for every video at once:
       1. one forward pass -> v, log lam (two with guidance: rate_guidance w, Eq. 13; cfg_scale s);
-      2. flow (Eq. 4): a frame inserted at s_i moves to t_i' = clip(tau' - s_i, 0, 1)^gamma, the time its
-         training state has at tau_g = tau' (Appendix E: exact if trained with that gamma), by
-         x_i += (t_i' - t_i) v_i; context frames stay at t = 1;
+      2. flow (Eq. 4): x_i += (t_i' - t_i) v_i, to t_i' = clip(tau' - s_i, 0, 1)^gamma, its training time at
+         tau_g = tau' (Appendix E: exact if trained with that gamma); context frames stay at t = 1;
       3. while tau_g < 1, right of every frame that may insert, with p = reveal_prob(tau_g, tau'),
          Poisson(lam_j p) new frames (Appendix B.3, Eq. 34) or, 'bernoulli', one w.p. min(1, lam_j p)
          (Algorithm 1, which draws p at t_g after the update: ours is exact for the step it covers); new
-         frames are N(0, I) noise with s_i = tau', t_i = 0; lam_j <= e^30, beyond any real rate.
-    Returns a list of Sample.
-    """
+         frames are N(0, I) noise with s_i = tau', t_i = 0; lam_j <= e^30, beyond any real rate."""
     kappa = kappa or LinearKappa()
     assert sampler in ("poisson", "bernoulli"), sampler
     grid = time_grid(kappa, steps, max_reveal_prob)
@@ -818,17 +789,17 @@ def generate(model, num_videos, frame_shape, kappa=None, n_start=1, steps=100, s
         u = (tau_next - state.insert_time).clamp(0, 1)  # (B, F) clip(tau_i) at tau_next
         u = torch.where(u > 1 - 1e-6, 1.0, u)  # float slack, so that k steps of h land on 1
         t = torch.where(state.context | ~state.mask, state.t, u**gamma)  # (B, F)              Appendix E
-        dt = (t - state.t)[..., None, None, None]  # 0 for context, finished and padded frames
-        x = torch.where(dt > 0, state.x + dt.to(state.x.dtype) * v, state.x)  # frozen frames ignore v, even NaN
+        dt = (t - state.t)[..., None, None, None]  # 0 for frozen frames: context, finished, padded
+        x = torch.where(dt > 0, state.x + dt.to(state.x.dtype) * v, state.x)  # frozen: v ignored, even NaN
         state = replace(state, x=x, t=t, tau_g=tau_next, step=state.step + 1)
         # 3. insertions right of every frame that may insert, while tau_g < 1 (Algorithm 1, line 9)
         if tau_g < 1:
             p = float(kappa.reveal_prob(torch.tensor(tau_g), torch.tensor(tau_next)))
-            rate = torch.where(state.mask & ~state.passive, log_lam.float().clamp(max=30).exp() * p, 0.0)  # (B, F)
+            lam = torch.where(state.mask & ~state.passive, log_lam.float().clamp(max=30).exp(), 0.0)  # (B, F)
             if sampler == "poisson":
-                n_new = torch.poisson(rate, generator=generator)  # Eq. (34)
+                n_new = torch.poisson(lam * p, generator=generator)  # Eq. (34)
             else:
-                n_new = torch.bernoulli(rate.clamp(max=1), generator=generator)
+                n_new = torch.bernoulli((lam * p).clamp(max=1), generator=generator)
             state = insert_frames(state, n_new, tau_next, max_frames, generator)
         if callback is not None:
             callback(state)
@@ -876,7 +847,8 @@ def generate_ar(model, context, length, cache=None, **kwargs):
         j = x_t.shape[1] - 1
         position = torch.full_like(mask[:, j:], j, dtype=torch.long)  # (B, 1)
         v, log_lam = model(x_t[:, j:], t[:, j:], mask[:, j:], cond[:, j:], position * 0, position, cache)
-        return torch.cat([torch.zeros_like(x_t[:, :j]), v], 1), torch.cat([torch.zeros_like(t[:, :j]), log_lam], 1)
+        before = lambda z: torch.zeros_like(z[:, :j])  # noqa: E731  nothing for the cached frames
+        return torch.cat([before(x_t), v], dim=1), torch.cat([before(t), log_lam], dim=1)
 
     for j in range(context.shape[1], length):
         for i in range(cache.frames if cache else j, j):  # the clean frames not in the cache join it
@@ -890,9 +862,7 @@ def generate_ar(model, context, length, cache=None, **kwargs):
     return frames, nfe
 
 
-#################################################################################
-#          LTX-Video latents: files, a folder, VAE encode and decode, mp4       #
-#################################################################################
+######## LTX-Video latents: files, a folder, VAE encode and decode, mp4 #########
 
 def why(e):
     """An exception as a short line, for the one-line errors of files a user hands in."""
@@ -1041,7 +1011,7 @@ VIDEO_FILES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg",
 
 def read_video(path, size=None, max_frames=None):
     """A video (any ffmpeg reads) -> its first max_frames frames (F, 3, H, W) uint8 (no more decoded) and fps.
-    size (H, W): each frame scaled (bicubic, antialiased) to cover it, then centre-cropped, as LTX trainers do."""
+    size (H, W): each frame scaled (bicubic, antialiased) to cover it, centre-cropped, as LTX trainers do."""
     import av  # PyAV, optional: imported where used
 
     frames = []
@@ -1083,18 +1053,14 @@ def write_video(file, frames, fps):
 def pyplot():
     """matplotlib.pyplot (drawing to files), or None when matplotlib is not installed."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return print("matplotlib is not installed: no PNGs (pip install matplotlib)")
+    plt.switch_backend("Agg")
     return plt
 
 
-#################################################################################
-#                           Checkpoints and devices                             #
-#################################################################################
+############################ Checkpoints and devices ############################
 
 
 def load_checkpoint(path):
