@@ -39,11 +39,11 @@ def parse_args(argv=None):
     arg("--rate-guidance", type=float, default=1.0, help="rate guidance w, Eq. (13) (1: off)")
     arg("--cfg", type=float, default=1.0, help="velocity classifier-free guidance scale (1: off)")
     arg("--gamma", type=float, help="per-frame time t = u^gamma (Appendix E; default: the training gamma)")
-    arg("--paradigm", choices=fc.PARADIGMS, help="default: the checkpoint's; a Flowception checkpoint also samples "
-        "as full_sequence. The baselines take --steps steps per frame, at --length (or as long as the context's "
-        "video, or the data law)")
-    arg("--kv-cache", action=argparse.BooleanOptionalAction, default=True, help="ar_causal: cache the keys and "
-        "values of the earlier frames (the same frames, fewer FLOPs)")
+    arg("--paradigm", choices=fc.PARADIGMS, help="default: the checkpoint's; a Flowception checkpoint also "
+        "samples as full_sequence. The baselines take --steps steps per frame, at --length (or as long as "
+        "the context's video, or the data law)")
+    arg("--kv-cache", action=argparse.BooleanOptionalAction, default=True, help="ar_causal: cache the keys "
+        "and values of the earlier frames (the same frames, fewer FLOPs)")
     arg("--length", type=int, help="the baselines' length (default: the data law, or the context's video)")
     arg("--vae", help="latent presets: the LTX VAE that decodes to mp4 (default: the latents' own)")
     arg("--fps", type=float, help="latent presets: frame rate of the mp4s (default: the training clips')")
@@ -78,7 +78,7 @@ def load_model(args):
     if args.task != "uncond" and not (ar and args.task != "interp") and not fc.parse_tasks(cfg.tasks).get(args.task):
         raise ValueError(f"{args.ckpt} was trained on tasks {cfg.tasks!r}, not {args.task!r} (see --tasks)")
     if (args.rate_guidance != 1 or args.cfg != 1) and (cfg.cond_dropout == 0 or args.paradigm != "flowception"):
-        raise ValueError(f"guidance needs a Flowception model trained with conditioning dropout: {args.ckpt} is not")
+        raise ValueError(f"guidance needs Flowception trained with --cond-dropout: {args.ckpt} is not")
     model = fc.build_model(cfg)
     model.load_state_dict(ckpt["ema"])
     args.data_info = ckpt.get("data") or {}  # the latents' VAE and fps
@@ -118,7 +118,8 @@ def baseline_lengths(args, cfg, frames, source_lengths):
     if cfg.data != "toy" and not args.length:
         raise ValueError("the baselines of a latent preset need --length")
     law = toy_data.sample_toy_videos(args.num, torch.Generator().manual_seed(HELD_OUT + args.seed))[1]
-    lengths = torch.full((args.num,), args.length) if args.length else law if source_lengths is None else source_lengths
+    default = law if source_lengths is None else source_lengths  # the data law, or the context's videos'
+    lengths = torch.full((args.num,), args.length) if args.length else default
     given = 0 if frames is None else frames.shape[1]  # context frames
     if (lengths <= given).any() or lengths.max() > args.max_frames:
         got = args.length or f"none: the videos have {int(lengths.min())} to {int(lengths.max())} frames"
@@ -185,8 +186,8 @@ def draw_videos(samples, path):
     if (plt := fc.pyplot()) is None:
         return
     videos, cmap = samples[:8], plt.get_cmap("viridis")
-    img = picture([s.frames for s in videos], [torch.tensor(cmap(s.insert_time.numpy())[:, :3]) for s in videos],
-                  max(len(s.frames) for s in videos))
+    colours = [torch.tensor(cmap(s.insert_time.numpy())[:, :3]) for s in videos]  # (F_i, 3) insertion times
+    img = picture([s.frames for s in videos], colours, max(len(s.frames) for s in videos))
     fig, ax = plt.subplots(figsize=(img.shape[1] * 0.25 + 2.5, len(videos) * 1.25 + 1))
     ax.imshow(img, interpolation="nearest")
     for r, s in enumerate(videos):

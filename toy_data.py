@@ -5,8 +5,7 @@ A video has n frames, n uniform over LENGTHS; a frame is (C, H, W) = (3, 1, 3): 
 ONE turn per clip, so the speed of the motion tells the length. The outer pixels are the two ends of a
 colour gradient between a and b that turns around a ring through them: left_f = a + (b - a)(1 + cos
 phi_f) / 2, right_f = a + (b - a)(1 - cos phi_f) / 2. The middle pixel is grey, g_0 before frame j and
-g_1 from it on (j ~ U{1..n-1}, g_0, g_1 ~ U(-1, 1)): one jump. Batches are zero-padded to 30 frames.
-"""
+g_1 from it on (j ~ U{1..n-1}, g_0, g_1 ~ U(-1, 1)): one jump. Batches are zero-padded to 30 frames."""
 import math
 
 import torch

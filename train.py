@@ -1,10 +1,9 @@
-"""Train Flowception: `python train.py` (the toy, minutes on a CPU), `torchrun --nproc_per_node=8
-train.py --preset taichi256 --data data/taichi256`, `python train.py --encode-videos videos/ --preset
-taichi256 --out data/taichi256` (videos -> LTX latents). One code path for 1..N processes: each builds
-the same global batch from the shared data stream and trains on its share, in --grad-accum
-micro-batches packed into rows of --pack frames; the losses are normalised by the GLOBAL batch's
-counts, so N processes x k micro-batches compute exactly one process's loss and gradient.
-"""
+"""Train Flowception: `python train.py` (the toy, minutes on a CPU), `torchrun --nproc_per_node=8 train.py
+--preset taichi256 --data data/taichi256`, `python train.py --encode-videos videos/ --preset taichi256 --out
+data/taichi256` (videos -> LTX latents). One code path for 1..N processes: each builds the same global batch
+from the shared data stream and trains on its share, in --grad-accum micro-batches packed into rows of
+--pack frames; the losses are normalised by the GLOBAL batch's counts, so N processes x k micro-batches
+compute exactly one process's loss and gradient."""
 import argparse
 import contextlib
 import copy
@@ -68,8 +67,8 @@ def parse_args(argv=None):
     arg("--hazard-weight", action="store_true", default=None, help="weight it by dkappa/(1 - kappa), Eq. 19")
     arg("--tasks", help=f"task mix, e.g. 'uncond:2,i2v:1' (tasks: {', '.join(fc.TASKS)})")
     arg("--cond-dropout", type=float, help="P(a video's context is dropped), for guidance")
-    arg("--paradigm", choices=fc.PARADIGMS, help="Flowception, or a baseline: full_sequence, ar (bidirectional), "
-        "ar_causal (causal by frame, a KV cache in sampling); the baselines draw t ~ sigmoid(N(0, 1))")
+    arg("--paradigm", choices=fc.PARADIGMS, help="Flowception, or a baseline: full_sequence, ar "
+        "(bidirectional), ar_causal (causal by frame, a KV cache in sampling), with t ~ sigmoid(N(0, 1))")
     arg("--gamma", type=float, help="per-frame time t = clip(tau, 0, 1)^gamma (Appendix E); sample with it")
     arg("--log-every", type=int, help="steps between log lines")
     arg("--ckpt-every", type=int, help="steps between checkpoints (0: none)")
@@ -231,8 +230,8 @@ def global_batch(cfg, kappa, data_rng, clips=None):
     # 2. each video's task (its context frames) and where each of its frames stands in extended time
     context, passive = fc.sample_context(lengths, cfg.tasks, data_rng)
     if cfg.paradigm == "flowception":
-        state = fc.sample_training_state(lengths, kappa, cfg.n_start, None, data_rng, cfg.tau_density, context,
-                                         passive, cfg.gamma)
+        state = fc.sample_training_state(lengths, kappa, cfg.n_start, None, data_rng, cfg.tau_density,
+                                         context, passive, cfg.gamma)
     else:  # the baselines: one shared flow time (the AR ones draw their own context)
         state = fc.baseline_state(lengths, cfg.paradigm, context, passive, data_rng)
     # 3. what the model sees: the visible frames, noised to their own times, stripped and padded
@@ -265,22 +264,16 @@ def pack_batch(batch, capacity):
     return fc.TrainingBatch(**moved, video=src_b, position=src_f)
 
 
-def my_micro_batches(batch, cfg):
-    """This process's share of the global batch: grad_accum micro-batches, trimmed or packed."""
-    out = []
-    for r in torch.arange(len(batch.mask)).chunk(world_size)[rank].chunk(cfg.grad_accum):
-        F = max(int(batch.mask[r].sum(1).max()), 1)
-        mb = fc.TrainingBatch(**{k: v[r, :F] for k, v in vars(batch).items()})
-        out.append(pack_batch(mb, cfg.pack) if cfg.pack else mb)
-    return out
-
-
 def forward_backward(net, model, batch, cfg, kappa, device, autocast):
-    """Gradients of the global batch's loss from this process's micro-batches -> the global losses (2,)."""
+    """Gradients of the global batch's loss from this process's share of it, in grad_accum micro-batches
+    (trimmed or packed) -> the global losses (2,)."""
     n_active, n_insert = batch.active.sum().clamp_min(1), batch.can_insert.sum().clamp_min(1)  # global counts
     losses = torch.zeros(2, dtype=torch.float64)
-    micro = my_micro_batches(batch, cfg)
-    for i, mb in enumerate(micro):
+    micro = torch.arange(len(batch.mask)).chunk(world_size)[rank].chunk(cfg.grad_accum)  # rows of the batch
+    for i, rows in enumerate(micro):
+        F = max(int(batch.mask[rows].sum(1).max()), 1)  # trimmed to its longest video
+        mb = fc.TrainingBatch(**{k: v[rows, :F] for k, v in vars(batch).items()})
+        mb = pack_batch(mb, cfg.pack) if cfg.pack else mb
         mb = fc.TrainingBatch(**{k: v.to(device) for k, v in vars(mb).items()})
         last = i == len(micro) - 1  # gradients are reduced once, after the last micro-batch
         if cfg.fsdp:
@@ -289,7 +282,7 @@ def forward_backward(net, model, batch, cfg, kappa, device, autocast):
             v, log_lam = net(mb.x_t, mb.t, mb.mask, mb.cond, mb.video, mb.position)
             loss_v = fc.velocity_loss(v, mb, count=n_active)  # this micro-batch's share of the global means
             loss_r = fc.rate_loss(log_lam, mb, kappa, cfg.hazard_weight, count=n_insert)
-            loss = loss_v + (cfg.rate_weight if cfg.paradigm == "flowception" else 0) * loss_r  # baselines: none
+            loss = loss_v + (cfg.rate_weight if cfg.paradigm == "flowception" else 0) * loss_r
             (loss * world_size).backward()  # DDP averages over processes; the counts are already global
         losses += torch.stack([loss_v.detach(), loss_r.detach()]).double().cpu()
     if world_size > 1:  # the global batch's losses, for the log (on the device: nccl has no CPU tensors)
@@ -406,9 +399,9 @@ def run(args, cfg, resumed, device, out):
                 f.write(json.dumps(row) + "\n")
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
             seconds, (velocity, rate, grad_norm) = time.time() - t_log, (sums / n_logged).tolist()
-            bar.write(f"step {done:6d} | velocity {velocity:.4f} | rate {rate:.4f} | grad norm {grad_norm:.3f} | "
-                      f"lr {lr:.2e} | {n_logged * cfg.batch_size / seconds:.1f} videos/s"
-                      + (f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if bf16 else ""))
+            memory = f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if bf16 else ""
+            bar.write(f"step {done:6d} | velocity {velocity:.4f} | rate {rate:.4f} | grad norm {grad_norm:.3f}"
+                      f" | lr {lr:.2e} | {n_logged * cfg.batch_size / seconds:.1f} videos/s{memory}")
             t_log, sums, n_logged = time.time(), torch.zeros(3, dtype=torch.float64), 0
         if cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == cfg.steps):
             save_checkpoint(ckpt_path, model, ema, opt, done, cfg, args.preset, data_rng, data_info)
