@@ -244,12 +244,11 @@ def sample_training_state(lengths, kappa=None, n_start=1, tau_g=None, generator=
                           context=None, passive=None, gamma=1.0):
     """The extended-time state of a batch of videos of the given lengths (B,): Algorithm 2. tau_g: None
     (drawn from tau_density), or a float or (B,) tensor that fixes it. context, passive: (B, F) patterns.
-    Start frames (s_i = 0) without context: frame 0 (nothing is ever inserted left of it) and n_start - 1
-    uniform among the others. With context, which always begins a video: one, uniform among the free frames
-    before the next context frame, the model's clock (its t is tau_g), where make_prompt puts it. A state
-    with no active frame is one the sampler never visits (it stops once every frame is clean): such rows
-    redraw s, and tau_g unless it is fixed. The paper's shortcut tau_g ~ U(0, max_i s_i + 1) instead tilts
-    the law of s by 1 / (max_i s_i + 1) (tested)."""
+    Start frames (s_i = 0): frame 0 (nothing is ever inserted left of it) and n_start - 1 uniform others;
+    with context, which always begins a video, one uniform among the free frames before the next context
+    frame: the model's clock (its t is tau_g), where make_prompt puts it. Rows with no active frame, never
+    visited by the sampler (it stops once every frame is clean), redraw s (and tau_g unless fixed); the
+    paper's tau_g ~ U(0, max_i s_i + 1) instead tilts the law of s by 1 / (max_i s_i + 1) (tested)."""
     kappa = kappa or LinearKappa()
     lengths = torch.as_tensor(lengths, dtype=torch.long)
     device, B, F = lengths.device, len(lengths), int(lengths.max())

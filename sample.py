@@ -6,8 +6,7 @@
     python sample.py --paradigm full_sequence       # the full-sequence baseline at the data's lengths
 
 Toy checkpoints: the length histogram, toy_data's metrics, samples.pt, videos.png (Figures 5/6: each
-frame's insertion time under it, context frames dashed). Latent presets: mp4s, by the latents' VAE.
-"""
+frame's insertion time under it, context frames dashed). Latent presets: mp4s, by the latents' VAE."""
 import argparse
 import os
 import sys
@@ -208,22 +207,21 @@ def draw_generation(model, args, cfg, path, n=4):
         return
     from PIL import Image  # matplotlib's own dependency
 
-    steps = []  # (x, t, mask, tau_g) after every step
-    keep = lambda s: steps.append((s.x.cpu(), s.t.cpu(), s.mask.cpu(), s.tau_g))  # noqa: E731
+    states = []  # the sampler's state after every step
     fc.generate(model, n, (cfg.channels, cfg.height, cfg.width), kappa=fc.KAPPAS[cfg.kappa](), steps=args.steps,
                 n_start=cfg.n_start, max_frames=args.max_frames, gamma=args.gamma, device=args.device,
-                generator=torch.Generator(args.device).manual_seed(args.seed), callback=keep)
-    width = max(int(mask.sum(1).max()) for _, _, mask, _ in steps)
-    image = lambda x, t, mask: picture([xb[m] for xb, m in zip(x, mask)],  # noqa: E731
-                                       [tb[m, None].expand(-1, 3) for tb, m in zip(t, mask)], width)
+                generator=torch.Generator(args.device).manual_seed(args.seed), callback=states.append)
+    width = max(int(s.mask.sum(1).max()) for s in states)
+    image = lambda s: picture([x[m] for x, m in zip(s.x.cpu(), s.mask.cpu())],  # noqa: E731
+                              [t[m, None].expand(-1, 3) for t, m in zip(s.t.cpu(), s.mask.cpu())], width)
     fig, ax = plt.subplots(figsize=(width * 0.25 + 1, n * 0.9 + 1))
-    im = ax.imshow(image(*steps[0][:3]), interpolation="nearest")
+    im = ax.imshow(image(states[0]), interpolation="nearest")
     ax.set(xlabel="frame", yticks=[])
 
     pictures = []
-    for x, t, mask, tau_g in steps:
-        im.set_data(image(x, t, mask))
-        ax.set_title(f"tau_g = {tau_g:.3f}; under each frame its t (black: noise, white: clean)")
+    for s in states:
+        im.set_data(image(s))
+        ax.set_title(f"tau_g = {s.tau_g:.3f}; under each frame its t (black: noise, white: clean)")
         fig.canvas.draw()
         pictures.append(Image.frombuffer("RGBA", fig.canvas.get_width_height(), fig.canvas.buffer_rgba()))
     plt.close(fig)
