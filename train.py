@@ -67,8 +67,8 @@ def parse_args(argv=None):
     arg("--hazard-weight", action="store_true", default=None, help="weight it by dkappa/(1 - kappa), Eq. 19")
     arg("--tasks", help=f"task mix, e.g. 'uncond:2,i2v:1' (tasks: {', '.join(fc.TASKS)})")
     arg("--cond-dropout", type=float, help="P(a video's context is dropped), for guidance")
-    arg("--paradigm", choices=fc.PARADIGMS, help="Flowception, or a baseline: full_sequence, ar "
-        "(bidirectional), ar_causal (causal by frame, a KV cache in sampling), with t ~ sigmoid(N(0, 1))")
+    arg("--paradigm", choices=fc.PARADIGMS, help="Flowception, or a baseline (t ~ sigmoid(N(0, 1))): "
+        "full_sequence, ar (bidirectional), ar_causal (causal by frame, a KV cache in sampling)")
     arg("--gamma", type=float, help="per-frame time t = clip(tau, 0, 1)^gamma (Appendix E); sample with it")
     arg("--log-every", type=int, help="steps between log lines")
     arg("--ckpt-every", type=int, help="steps between checkpoints (0: none)")
