@@ -1,7 +1,6 @@
-"""Flowception (arXiv 2512.11438): variable-length video generation that interleaves flow-matching
-denoising of frames with learned frame insertions. Read top to bottom, in the order of the method: config
--> scheduler kappa -> training state in extended time (Algorithm 2) -> context patterns (tasks) -> losses
--> the DiT -> the sampler (Algorithm 1) -> LTX-Video latents and mp4 -> checkpoints.
+"""Flowception (arXiv 2512.11438): variable-length video generation that interleaves flow-matching denoising
+of frames with learned frame insertions. Read top to bottom: config -> scheduler kappa -> training state in
+extended time (Algorithm 2) -> tasks -> losses -> the DiT -> the samplers (Algorithm 1) -> LTX latents.
 
 time     t = 0 is noise, t = 1 is data: x_t = t x_1 + (1 - t) x_0; the velocity target is x_1 - x_0.
 shapes   B batch, F frames, C channels, H, W height and width, L patch tokens per frame, D model width;
@@ -34,8 +33,7 @@ from tqdm import tqdm
 #################################### Config #####################################
 
 
-# Flowception and the baselines of Section 4.1: full-sequence flow matching, and per-frame autoregressive
-# generation with bidirectional attention over the context (ar) or causal by frame (ar_causal, a KV cache)
+# Flowception and the baselines of Section 4.1: full sequence, autoregressive (bidirectional, causal by frame)
 PARADIGMS = ("flowception", "full_sequence", "ar", "ar_causal")
 ROPES = ("axial", "videorope")  # rope_angles
 
@@ -44,14 +42,12 @@ ROPES = ("axial", "videorope")  # rope_angles
 class Config:
     """Everything a run needs: data geometry, model size, Flowception knobs and the training schedule."""
 
-    # data: frames are (channels, height, width); `data` names what train.py reads
-    data: str = "toy"  # "toy", "synthetic" (random full-length clips) or a folder of latent files
+    data: str = "toy"  # what train.py reads: "toy", "synthetic" (random full-length clips), a latent folder
     channels: int = 3
     height: int = 1
     width: int = 3
     max_frames: int = 30  # longest video in the data (sample.py caps toy generation at twice this)
-    # model (Section 3.4)
-    patch: tuple = (1, 3)  # (ph, pw): one token per toy frame
+    patch: tuple = (1, 3)  # the model (Section 3.4): (ph, pw) patches, one token per toy frame
     dim: int = 64
     depth: int = 4
     heads: int = 4
@@ -60,21 +56,16 @@ class Config:
     rope: str = "axial"  # RoPE over (frame, row, column): "axial" or "videorope", the paper's (rope_angles)
     rope_frame_base: float = 100.0  # axial: the frame axis turns 1 .. 1/base rad per frame
     rope_delta: float = 2.0  # videorope: the frames' spacing (its adjustable temporal spacing)
-    # Not in the paper (False: the paper's DiT): the frame count m embedded into every frame's adaLN input.
-    # The exact rate is a sharp function of m and tau_g; with RoPE alone the toy DiT did not learn to count.
-    count_embedding: bool = True
-    # Flowception
-    kappa: str = "linear"  # a name in KAPPAS
+    count_embedding: bool = True  # the frame count in every frame's adaLN input (not the paper's: README)
+    kappa: str = "linear"  # Flowception: a name in KAPPAS
     n_start: int = 1  # frames present at tau_g = 0 in a video without context
     tau_density: str = "uniform"  # law of tau_g on [0, 2): "uniform", "logit_normal" or "late"
     rate_weight: float = 1.0  # loss = velocity + rate_weight * insertion
-    hazard_weight: bool = False  # weight the insertion loss by dkappa / (1 - kappa) (Eq. 19)
     tasks: str = "uncond"  # the mix of TASKS training draws from, e.g. "uncond:2,i2v:1"
     cond_dropout: float = 0.0  # P(a video's context is blanked), for guidance (Eq. 13)
     paradigm: str = "flowception"  # or a baseline of Section 4.1: a name in PARADIGMS (baseline_state)
     gamma: float = 1.0  # per-frame time t = clip(tau, 0, 1)^gamma (Appendix E), training and sampling
-    # training
-    steps: int = 3000
+    steps: int = 3000  # training
     batch_size: int = 64  # videos per optimizer step, over all processes
     grad_accum: int = 1  # micro-batches per process and step
     pack: int = 0  # rows of this many frames holding several videos each (train.pack_batch); 0: pad
@@ -116,17 +107,10 @@ class Config:
     @classmethod
     def from_dict(cls, d):
         """A checkpoint's config; another version's is refused, naming the keys: a default would change it."""
-        d = {k: v for k, v in d.items() if k not in ("attention", "compile")}  # retired: their weights load
-        if "full_sequence" in d:  # the one baseline before the AR ones
-            d["paradigm"] = "full_sequence" if d.pop("full_sequence") else "flowception"
-        older = "rope_frame_base" not in d
-        d = {"rope_frame_base": 10_000.0, "rope": "axial", "rope_delta": 2.0, **d}  # added since
         names = {f.name for f in fields(cls)}
         if set(d) != names:
             raise ValueError(f"its config has unknown keys {sorted(set(d) - names)} and lacks "
-                             f"{sorted(names - set(d))}: written by another version of this code?")
-        if older and 1 in (d["height"] // d["patch"][0], d["width"] // d["patch"][1]):
-            raise ValueError("it is older than the RoPE fix of one-patch frame axes (e569234): retrain it")
+                             f"{sorted(names - set(d))}: written by another version? (retrain it)")
         return cls(**{**d, "patch": tuple(d["patch"])})
 
 
@@ -151,8 +135,7 @@ PRESETS = {
 
 
 class Kappa:
-    """kappa(t): the probability that a frame is visible at global time t (Eq. 3), increasing from 0 to 1.
-    Subclasses define kappa, dkappa and inverse, elementwise on tensors."""
+    """kappa(t) = P(a frame is visible at global time t) (Eq. 3); subclasses give kappa, dkappa, inverse."""
 
     def hazard(self, t):
         """The rate at which a pending frame is revealed: dkappa / (1 - kappa) (Eq. 19)."""
@@ -242,13 +225,12 @@ def choose(allowed, k, generator=None):
 
 def sample_training_state(lengths, kappa=None, n_start=1, tau_g=None, generator=None, tau_density="uniform",
                           context=None, passive=None, gamma=1.0):
-    """The extended-time state of a batch of videos of the given lengths (B,): Algorithm 2. tau_g: None
-    (drawn from tau_density), or a float or (B,) tensor that fixes it. context, passive: (B, F) patterns.
-    Start frames (s_i = 0): frame 0 (nothing is ever inserted left of it) and n_start - 1 uniform others;
-    with context, which always begins a video, one uniform among the free frames before the next context
-    frame: the model's clock (its t is tau_g), where make_prompt puts it. Rows with no active frame, never
-    visited by the sampler (it stops once every frame is clean), redraw s (and tau_g unless fixed); the
-    paper's tau_g ~ U(0, max_i s_i + 1) instead tilts the law of s by 1 / (max_i s_i + 1) (tested)."""
+    """Algorithm 2: the extended-time state of videos of these lengths (B,) at tau_g (None: drawn from
+    tau_density; or a float or (B,) tensor). Start frames (s_i = 0): frame 0 (nothing is inserted left of it)
+    and n_start - 1 uniform others; with context (B, F), which begins a video, one uniform among the free
+    frames before more context: the model's clock (t = tau_g), where make_prompt puts it. Rows with no active
+    frame, never visited by the sampler, redraw s (and tau_g unless fixed); the paper's tau_g ~ U(0, max_i
+    s_i + 1) instead tilts the law of s by 1 / (max_i s_i + 1) (tested)."""
     kappa = kappa or LinearKappa()
     lengths = torch.as_tensor(lengths, dtype=torch.long)
     device, B, F = lengths.device, len(lengths), int(lengths.max())
@@ -285,31 +267,22 @@ def sample_training_state(lengths, kappa=None, n_start=1, tau_g=None, generator=
                          K=pending_counts(visible, valid), valid=valid, context=context, passive=passive)
 
 
-def baseline_state(lengths, paradigm, context=None, passive=None, generator=None):
-    """The baselines' training state, without extended time (Appendix C.1): one flow time t = sigmoid(N(0, 1))
-    (the 'lognorm' schedule) for the frames that flow. full_sequence: every frame but the context (given
-    as for Flowception). ar, ar_causal: frame j, after j clean context frames, j uniform on 0..n-1; the
-    frames after it are absent. Nothing is inserted: K = 0, and train.py trains no rate."""
+def baseline_state(lengths, context=None, passive=None, generator=None):
+    """The baselines' state, without extended time (Appendix C.1): every frame is there, those not given flow
+    at one time t = sigmoid(N(0, 1)) (the 'lognorm' schedule), K = 0 (no rate is trained). The AR baselines
+    are full sequences cut after the frame that flows (train.global_batch)."""
     lengths = torch.as_tensor(lengths, dtype=torch.long)
-    device, B, F = lengths.device, len(lengths), int(lengths.max())
-    i, t = torch.arange(F, device=device), torch.sigmoid(torch.randn(B, generator=generator, device=device))
-    valid = visible = i < lengths[:, None]  # (B, F)
-    if paradigm == "full_sequence":
-        context = valid & (context if context is not None else torch.zeros_like(valid))
-        passive = valid & (passive if passive is not None else torch.zeros_like(valid))
-    else:
-        assert paradigm in ("ar", "ar_causal"), paradigm
-        j = (torch.rand(B, generator=generator, device=device) * lengths).long()[:, None]  # (B, 1)
-        visible, context, passive = i <= j, i < j, i < j
+    valid = torch.arange(int(lengths.max()), device=lengths.device) < lengths[:, None]  # (B, F)
+    context, passive = (valid & (p if p is not None else torch.zeros_like(valid)) for p in (context, passive))
+    t = torch.sigmoid(torch.randn(len(lengths), generator=generator, device=lengths.device))  # (B,)
     tau = torch.where(context, 1.0, t[:, None])  # (B, F)
-    return TrainingState(tau_g=t, tau=tau, t=tau, visible=visible, active=visible & ~context, passive=passive,
+    return TrainingState(tau_g=t, tau=tau, t=tau, visible=valid, active=valid & ~context, passive=passive,
                          K=torch.zeros_like(valid, dtype=torch.long), valid=valid, context=context)
 
 
 @dataclass
 class TrainingBatch:
-    """What the model sees, the visible frames of each video moved to the front, and the loss targets. Every
-    field is per frame: rows are cut into micro-batches or packed (train.pack_batch) by moving frames."""
+    """What the model sees (each video's visible frames first) and the targets; all per frame (pack_batch)."""
 
     x_t: torch.Tensor  # (B, F', C, H, W)    noisy visible frames, Eq. (10)
     cond: torch.Tensor  # (B, F', C, H, W)   conditioning stream: clean context frames, zeros elsewhere
@@ -319,7 +292,6 @@ class TrainingBatch:
     active: torch.Tensor  # (B, F')          bool, still flowing: in the velocity loss
     can_insert: torch.Tensor  # (B, F')      bool, a slot in the rate loss (not passive, tau_g < 1)
     K: torch.Tensor  # (B, F')               long, pending frames right of each slot
-    tau_g: torch.Tensor  # (B, F')           the video's global time, on each of its frames
     video: torch.Tensor  # (B, F')           long, which video of the row (0; several once packed); -1 padding
     position: torch.Tensor  # (B, F')        long, the frame's index in its video
 
@@ -346,7 +318,7 @@ def make_training_batch(x_1, state, generator=None, cond_dropout=0.0):
     return TrainingBatch(x_t=strip(x_t), cond=strip(cond), t=strip(state.t), mask=mask,
                          target=strip(x_1 - x_0), active=strip(state.active) & mask, K=strip(state.K) * mask,
                          can_insert=mask & ~strip(state.passive) & (state.tau_g < 1)[:, None],
-                         tau_g=state.tau_g[:, None].expand(mask.shape), video=torch.where(mask, 0, -1),
+                         video=torch.where(mask, 0, -1),
                          position=torch.arange(mask.shape[1], device=mask.device).expand(mask.shape))
 
 
@@ -374,10 +346,9 @@ def parse_tasks(spec):
 
 
 def sample_context(lengths, tasks="uncond", generator=None):
-    """A task per video, drawn from the mix, and its context pattern: context, passive (B, F) bool (lengths on
-    the CPU). uncond: none. i2v: frame 0, active. interp: the first and last frame (passive) and 0-2 active
-    anchors between them, never frame 1 (the start frame lies in the first gap); the gaps are not given.
-    extend: the first 2..n/2 frames, passive but the last (video continuation)."""
+    """A task per video, drawn from the mix, and its pattern: context, passive (B, F) bool (on the CPU).
+    uncond: none. i2v: frame 0, active. interp: the first and last frame (passive), 0-2 active anchors
+    between, never frame 1 (the start frame's gap). extend: the first 2..n/2 frames, passive but the last."""
     lengths = torch.as_tensor(lengths, dtype=torch.long)
     B, F = len(lengths), int(lengths.max())
     none = torch.zeros(B, F, dtype=torch.bool)
@@ -391,7 +362,6 @@ def sample_context(lengths, tasks="uncond", generator=None):
     i, n = torch.arange(F), lengths[:, None]  # (F,), (B, 1)
     anchors = choose((i >= 2) & (i <= n - 2), torch.randint(0, 3, (B,), generator=generator), generator)
     interp = is_task("interp") & ((i == 0) | (i == n - 1) | anchors)
-    # extend: the first j frames, j uniform on 2..max(2, n // 2)
     j = 2 + (torch.rand(B, 1, generator=generator) * ((n // 2).clamp_min(2) - 1)).long()
     extend = is_task("extend") & (i < j)
     context = (is_task("i2v") & (i == 0)) | interp | extend
@@ -399,7 +369,7 @@ def sample_context(lengths, tasks="uncond", generator=None):
     return context & (i < n), passive & (i < n)  # nothing beyond a video's end
 
 
-######################### Losses (Eqs. 11, 12, 19, 20) ##########################
+########################### Losses (Eqs. 11, 12, 20) ############################
 
 
 def velocity_loss(v, batch, count=None):
@@ -410,15 +380,12 @@ def velocity_loss(v, batch, count=None):
     return err.sum() / (batch.active.sum().clamp_min(1) if count is None else count)
 
 
-def rate_loss(log_lam, batch, kappa=None, hazard_weight=False, count=None):
+def rate_loss(log_lam, batch, count=None):
     """Poisson NLL lam - K log lam on the slots that may insert, while tau_g < 1 (Eqs. 11, 20); its minimiser
     is E[K_j | x_t] (Corollary B.3). From log lam in fp32, never log(exp(x) + eps), which loses every rate
-    below e^-18. hazard_weight: weight each slot by dkappa / (1 - kappa) (Eq. 19; the paper keeps it off)."""
+    below e^-18. Unweighted: Eq. (19)'s hazard weight is off, as the paper keeps it."""
     log_lam = log_lam.float()
-    nll = log_lam.exp() - batch.K.float() * log_lam  # (B, F')                          Eq. (11)
-    if hazard_weight:
-        nll = nll * (kappa or LinearKappa()).hazard(batch.tau_g.clamp(0, 1 - 1e-4).float())  # Eq. (19)
-    nll = torch.where(batch.can_insert, nll, 0.0)
+    nll = torch.where(batch.can_insert, log_lam.exp() - batch.K.float() * log_lam, 0.0)  # (B, F') Eq. (11)
     return nll.sum() / (batch.can_insert.sum().clamp_min(1) if count is None else count)
 
 
@@ -455,12 +422,10 @@ def rope_split(head_dim, rows=2, cols=2):
 
 def rope_angles(pos, cfg):
     """RoPE positions (..., 3) over (frame, row, column) -> angles (..., head_dim / 2) for cfg's heads. axial:
-    a block of channels per axis (rope_split), the frame axis at 1 .. 1/rope_frame_base rad per frame, rows
-    and columns at 1 .. 1/10,000 rad per patch. videorope (Wei et al. 2025, the paper's, Section 4.1): one
-    RoPE's frequencies 1 .. 1/10,000 rad, the lowest quarter to the frame axis (low-frequency temporal
-    allocation), the others to rows and columns in turn, at positions (delta f, delta f + row, delta f +
-    column), rows and columns counted from the frame's centre (diagonal layout), delta = rope_delta
-    (adjustable temporal spacing). The official code keeps the allocation, not the layout (README)."""
+    a block of channels per axis (rope_split), frames at 1 .. 1/rope_frame_base rad, rows and columns at
+    1 .. 1/10,000. videorope (Wei et al. 2025, the paper's): frequencies 1 .. 1/10,000, the lowest quarter
+    for the frame (low-frequency temporal allocation), the others for rows and columns in turn, at (delta f,
+    delta f + row, delta f + column) from the frame's centre (diagonal layout; delta: temporal spacing)."""
     head_dim, rows, cols = cfg.dim // cfg.heads, cfg.height // cfg.patch[0], cfg.width // cfg.patch[1]
     if cfg.rope == "videorope":
         freqs = 10_000 ** (-torch.arange(0, head_dim, 2, device=pos.device) / head_dim)  # (hd/2,) high to low
@@ -559,8 +524,7 @@ class Flowception(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def positions(self, position):
-        """RoPE positions (B, F, L+1, 3): every token of a frame at (the frame's index in its video, row,
-        column); the rate token at the frame's centre."""
+        """RoPE positions (B, F, L+1, 3): (frame index in its video, row, column); rate tokens centred."""
         hp, wp = self.cfg.height // self.cfg.patch[0], self.cfg.width // self.cfg.patch[1]
         h, w = torch.meshgrid(torch.arange(hp), torch.arange(wp), indexing="ij")
         hw = torch.stack([h, w], -1).flatten(0, 1).float()  # (L, 2) patch tokens
@@ -569,8 +533,7 @@ class Flowception(nn.Module):
         return torch.cat([position[:, :, None, None].float().expand(*hw.shape[:3], 1), hw], dim=-1)
 
     def attention_mask(self, video, position, L1):
-        """(B, 1, N, N) bool: a token attends to its own video's tokens (within +-window frames; ar_causal: of
-        its own frame and the earlier ones)."""
+        """(B, 1, N, N) bool: a token sees its video's tokens (+-window frames; ar_causal: up to its own)."""
         video, position = video.repeat_interleave(L1, dim=1), position.repeat_interleave(L1, dim=1)  # (B, N)
         allowed = video[:, :, None] == video[:, None, :]  # (B, N, N)
         if self.cfg.window:
@@ -702,8 +665,8 @@ class Sample:
 
 
 def insert_frames(state, n_new, tau_g, max_frames, generator=None):
-    """Insert n_new[b, j] noise frames (t = 0) right after frame j of row b, every slot at once: Algorithm 1's
-    ins(X, j, eps). Insertions past max_frames are refused (leftmost slots first); no frame is evicted."""
+    """Algorithm 1's ins(X, j, eps): n_new[b, j] noise frames (t = 0) right after frame j of row b, all at
+    once; insertions past max_frames are refused (leftmost slots first), no frame is evicted."""
     x, mask, (B, F) = state.x, state.mask, state.mask.shape
     n_new = n_new.long() * mask
     n = mask.sum(dim=1)  # (B,)
@@ -809,8 +772,7 @@ def generate(model, num_videos, frame_shape, kappa=None, n_start=1, steps=100, s
 
 
 def never_inserts(model):
-    """A model whose rate is 0 (lam = e^-10000): generate then runs the full-sequence baseline, every frame a
-    start frame (n_start, or make_prompt(..., n_start)) taking exactly `steps` steps (max_reveal_prob=1)."""
+    """The model with lam = 0: generate then runs the full-sequence baseline (max_reveal_prob=1)."""
 
     def no_insertions(*inputs, **kwargs):
         v, log_lam = model(*inputs, **kwargs)
@@ -820,9 +782,8 @@ def never_inserts(model):
 
 
 class KVCache:
-    """The keys and values of the frames a causal model has generated, per block (Appendix D, 'with caching'):
-    a clean frame's never change, as it never sees the later frames. attend(block, k, v) puts the cached
-    ones first; with keep, the call's frame joins the cache."""
+    """A causal model's keys and values of its clean frames, per block (Appendix D): they never change, as a
+    frame never sees the later ones. attend puts them first; with keep, the call's frame joins them."""
 
     def __init__(self, depth):
         self.kv, self.keep, self.frames = [None] * depth, False, 0
@@ -846,14 +807,13 @@ def generate_ar(model, context, length, cache=None, **kwargs):
         j = x_t.shape[1] - 1
         position = torch.full_like(mask[:, j:], j, dtype=torch.long)  # (B, 1)
         v, log_lam = model(x_t[:, j:], t[:, j:], mask[:, j:], cond[:, j:], position * 0, position, cache)
-        before = lambda z: torch.zeros_like(z[:, :j])  # noqa: E731  nothing for the cached frames
-        return torch.cat([before(x_t), v], dim=1), torch.cat([before(t), log_lam], dim=1)
+        return nnf.pad(v, (0, 0, 0, 0, 0, 0, j, 0)), nnf.pad(log_lam, (j, 0))  # zeros for the cached frames
 
     for j in range(context.shape[1], length):
-        for i in range(cache.frames if cache else j, j):  # the clean frames not in the cache join it
-            cache.keep, cache.frames, ones = True, i + 1, torch.ones(B, i + 1, device=frames.device)
+        while cache is not None and cache.frames < j:  # the clean frames not cached yet join the cache
+            i, cache.keep, ones = cache.frames, True, torch.ones(B, cache.frames + 1, device=frames.device)
             new_frame(frames[:, : i + 1], ones, ones.bool(), frames[:, : i + 1])
-            cache.keep = False
+            cache.keep, cache.frames = False, i + 1
         out = generate(never_inserts(model if cache is None else new_frame), B, frames.shape[2:],
                        prompt=make_prompt("extend", frames) if j else None, max_reveal_prob=1.0, **kwargs)
         frames = torch.cat([frames, torch.stack([s.frames[-1] for s in out])[:, None]], dim=1)
@@ -897,8 +857,8 @@ def save_latents(path, z, fps, vae=None):
 
 
 def load_latents(path, channels=None, size=None):
-    """One latent file -> (F, C, h, w) and its {fps, vae, vae_fingerprint} (None where it does not say). Ours
-    and LTX-Video-Trainer's hold packed (F h w, C) latents, LTX-2's trainer (C, F, h, w)."""
+    """One latent file (ours, LTX-Video-Trainer's, LTX-2's) -> (F, C, h, w) and its {fps, vae, vae_fingerprint}
+    (None where it does not say)."""
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
         z = d["latents"].float()
@@ -906,7 +866,7 @@ def load_latents(path, channels=None, size=None):
         if z.ndim == 2:  # packed (F h w, C)
             F, h, w = (int(torch.as_tensor(d[k]).flatten()[0]) for k in ("num_frames", "height", "width"))
             z = rearrange(z, "(f h w) c -> f c h w", f=F, h=h, w=w)
-        else:  # (C, F, h, w)
+        else:  # LTX-2's trainer: (C, F, h, w)
             z = z.permute(1, 0, 2, 3)
     except Exception as e:  # unreadable, not a dict, missing keys, inconsistent shapes
         raise ValueError(f"latent file {path} is not readable ({why(e)})") from None
@@ -923,8 +883,7 @@ def load_latents(path, channels=None, size=None):
 
 
 def load_latent_folder(folder, cfg):
-    """Every latent file (*.pt) of a folder and its sub-folders (trainers' .precomputed too), checked -> the
-    clips, held in memory (Tai-Chi-HD at 256 px: 0.5 GB), and their fps and VAE (for the checkpoint)."""
+    """The latent files (*.pt) under a folder, checked -> the clips (held in memory), their fps and VAE."""
     files = sorted(path for d, _, fs in os.walk(folder) for f in fs  # regular files: a FIFO hangs torch.load
                    if f.endswith(".pt") and os.path.isfile(path := os.path.join(d, f)))
     if not files:
@@ -988,20 +947,18 @@ def encode_video(vae, pixels):
 
 
 @torch.no_grad()
-def decode_latents(vae, z, decode_timestep=None, decode_noise_scale=None, generator=None):
+def decode_latents(vae, z, generator=None):
     """Normalised latents (f, C, h, w) of ONE clip (the VAE's temporal convolutions would mix padding into a
     batch) -> pixels (1 + 8 (f - 1), 3, 32 h, 32 w) in [-1, 1]. A timestep-conditioned VAE (0.9.1 on) decodes
-    at decode_timestep after mixing in noise, as diffusers does; None: 0.05 and 0.025, as its docs advise."""
+    at timestep 0.05 after mixing in noise 0.025, as diffusers' docs advise (its pipelines' default: 0)."""
     p = next(vae.parameters())
     mean, std = vae.latents_mean.view(-1, 1, 1, 1), vae.latents_std.view(-1, 1, 1, 1)
     z = z.to(p.device, p.dtype).permute(1, 0, 2, 3)[None]  # (1, C, f, h, w)
     z = z * std / vae.config.scaling_factor + mean
     temb = None
     if vae.config.timestep_conditioning:
-        t = 0.05 if decode_timestep is None else decode_timestep
-        s = (0.025 if decode_timestep is None else t) if decode_noise_scale is None else decode_noise_scale
-        z = (1 - s) * z + s * torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-        temb = torch.tensor([t], device=z.device, dtype=z.dtype)
+        z = 0.975 * z + 0.025 * torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        temb = torch.tensor([0.05], device=z.device, dtype=z.dtype)
     return vae.decode(z, temb).sample[0].permute(1, 0, 2, 3).float().clamp(-1, 1).cpu()  # (F, 3, H, W)
 
 

@@ -3,10 +3,9 @@
     python sample.py                                # out/toy/ckpt.pt (EMA weights), 512 videos
     python sample.py --ckpt out/toy_tasks/ckpt.pt --task interp --anchors 1  # first, middle, last given
     python sample.py --steps 100 --sampler bernoulli --max-reveal-prob 1   # Algorithm 1 exactly
-    python sample.py --paradigm full_sequence       # the full-sequence baseline at the data's lengths
+    python sample.py --ckpt out/full/ckpt.pt        # a baseline (train.py --paradigm): at the data's lengths
 
-Toy checkpoints: the length histogram, toy_data's metrics, samples.pt, videos.png (Figures 5/6: each
-frame's insertion time under it, context frames dashed). Latent presets: mp4s, by the latents' VAE."""
+Toy checkpoints: the histogram, toy_data's metrics, samples.pt, videos.png, generation.gif. Latents: mp4s."""
 import argparse
 import os
 import sys
@@ -38,17 +37,10 @@ def parse_args(argv=None):
     arg("--rate-guidance", type=float, default=1.0, help="rate guidance w, Eq. (13) (1: off)")
     arg("--cfg", type=float, default=1.0, help="velocity classifier-free guidance scale (1: off)")
     arg("--gamma", type=float, help="per-frame time t = u^gamma (Appendix E; default: the training gamma)")
-    arg("--paradigm", choices=fc.PARADIGMS, help="default: the checkpoint's; a Flowception checkpoint also "
-        "samples as full_sequence. The baselines take --steps steps per frame, at --length (or as long as "
-        "the context's video, or the data law)")
-    arg("--kv-cache", action=argparse.BooleanOptionalAction, default=True, help="ar_causal: cache the keys "
-        "and values of the earlier frames (the same frames, fewer FLOPs)")
+    arg("--kv-cache", action=argparse.BooleanOptionalAction, default=True, help="ar_causal: a KV cache")
     arg("--length", type=int, help="the baselines' length (default: the data law, or the context's video)")
     arg("--vae", help="latent presets: the LTX VAE that decodes to mp4 (default: the latents' own)")
     arg("--fps", type=float, help="latent presets: frame rate of the mp4s (default: the training clips')")
-    arg("--decode-timestep", type=float, help="latent presets: the decode timestep of a timestep-conditioned "
-        "VAE (default 0.05, noise 0.025)")
-    arg("--decode-noise-scale", type=float, help="latent presets: noise mixed in (default: the timestep)")
     arg("--seed", type=int, default=0, help="sampling seed")
     arg("--out", help="output folder (default: the checkpoint's)")
     arg("--device", help="cpu, cuda, cuda:1... (default: cuda when there is a GPU)")
@@ -59,7 +51,7 @@ def check_numbers(args):
     """Every number a user gives, within the bounds outside which a run is meaningless or endless."""
     bounds = {"num": (1, 1e7), "batch_size": (1, 1e6), "steps": (1, 1e4), "max_reveal_prob": (1e-3, 1),
               "rate_guidance": (0, 100), "cfg": (0, 100), "gamma": (0.01, 100), "fps": (0.1, 1000),
-              "decode_timestep": (0, 1), "anchors": (0, 2), "prefix": (2, 1e4), "length": (1, 1e4),
+              "anchors": (0, 2), "prefix": (2, 1e4), "length": (1, 1e4),
               "max_frames": (1, 1e4)}
     for name, (lo, hi) in bounds.items():  # anchors: what training shows
         if (value := getattr(args, name)) is not None and not lo <= value <= hi:
@@ -69,14 +61,10 @@ def check_numbers(args):
 def load_model(args):
     """-> (model, config, label); a one-line error for what the checkpoint cannot do."""
     ckpt, cfg = fc.load_checkpoint(args.ckpt)
-    args.paradigm = args.paradigm or cfg.paradigm
-    allowed = (cfg.paradigm, "full_sequence") if cfg.paradigm == "flowception" else (cfg.paradigm,)
-    if args.paradigm not in allowed:
-        raise ValueError(f"{args.ckpt} is a {cfg.paradigm} model: it samples as {' or '.join(allowed)}")
-    ar = cfg.paradigm.startswith("ar")  # its training gives any number of first frames: i2v and extend too
-    if args.task != "uncond" and not (ar and args.task != "interp") and not fc.parse_tasks(cfg.tasks).get(args.task):
+    trained = fc.parse_tasks(cfg.tasks) | ({"i2v": 1, "extend": 1} if cfg.paradigm.startswith("ar") else {})
+    if args.task != "uncond" and not trained.get(args.task):  # AR: any number of first frames is a task
         raise ValueError(f"{args.ckpt} was trained on tasks {cfg.tasks!r}, not {args.task!r} (see --tasks)")
-    if (args.rate_guidance != 1 or args.cfg != 1) and (cfg.cond_dropout == 0 or args.paradigm != "flowception"):
+    if (args.rate_guidance != 1 or args.cfg != 1) and (cfg.cond_dropout == 0 or cfg.paradigm != "flowception"):
         raise ValueError(f"guidance needs Flowception trained with --cond-dropout: {args.ckpt} is not")
     model = fc.build_model(cfg)
     model.load_state_dict(ckpt["ema"])
@@ -127,8 +115,7 @@ def baseline_lengths(args, cfg, frames, source_lengths):
 
 
 def generate_all(model, args, cfg, frames, lengths=None):
-    """args.num videos, args.batch_size at a time, from the context frames (or none). With lengths: a
-    baseline, one length per batch: full sequence (every frame a start frame, nothing inserted) or AR."""
+    """args.num videos, args.batch_size at a time, from the context frames; with lengths, a baseline's."""
     shape, A = (cfg.channels, cfg.height, cfg.width), 0 if frames is None else frames.shape[1]
     flow = dict(steps=args.steps, gamma=args.gamma, device=args.device,
                 generator=torch.Generator(args.device).manual_seed(args.seed))
@@ -142,8 +129,8 @@ def generate_all(model, args, cfg, frames, lengths=None):
     samples = [None] * args.num
     for rows, n in tqdm(jobs, desc="sampling", unit="batch"):
         context = torch.zeros(len(rows), 0, *shape) if frames is None else frames[rows]
-        if args.paradigm.startswith("ar"):  # n frames, one at a time
-            cache = fc.KVCache(cfg.depth) if args.paradigm == "ar_causal" and args.kv_cache else None
+        if cfg.paradigm.startswith("ar"):  # n frames, one at a time
+            cache = fc.KVCache(cfg.depth) if cfg.paradigm == "ar_causal" and args.kv_cache else None
             videos, nfe = fc.generate_ar(model, context.to(args.device), n, cache, **flow)
             out = [fc.Sample(v, torch.zeros(n), nfe, 0, torch.arange(n) < A) for v in videos]
         else:  # Flowception with n start frames, or the full-sequence baseline's n frames
@@ -170,13 +157,15 @@ def print_histogram(lengths, width=50):
         print(f"{n:6d} | {''.join(bar).rstrip():<{width + 1}} {counts[n].item():5d}")
 
 
-def picture(videos, under, width):
+def picture(videos, under, width, bar=None):
     """Toy videos (F_i, 3, 1, 3) -> an image (5 rows per video, width): frames left to right, their 3 pixels
-    stacked, under them a row of colours (F_i, 3), then a gap."""
+    stacked, under them a row of colours (F_i, 3), then a gap; above them, a black bar of `bar` x width."""
     img = torch.ones(5 * len(videos), width, 3)
     for r, (frames, colours) in enumerate(zip(videos, under)):
         img[5 * r: 5 * r + 3, : len(frames)] = ((frames[:, :, 0, :].permute(2, 0, 1) + 1) / 2).clamp(0, 1)
         img[5 * r + 3, : len(frames)] = colours
+    if bar is not None:  # two rows, black up to bar x width
+        img = torch.cat([(torch.arange(width) >= bar * width).float()[None, :, None].expand(2, -1, 3), img])
     return img.numpy()
 
 
@@ -201,38 +190,28 @@ def draw_videos(samples, path):
 
 
 def draw_generation(model, args, cfg, path, n=4):
-    """generation.gif: n videos as generate makes them, a picture per step: every frame's 3 pixels and, under
-    them, its flow time t (black: noise, white: clean); new frames appear between the others."""
-    if (plt := fc.pyplot()) is None:
+    """generation.gif: n videos as generate makes them, a picture per step: a black bar as long as tau_g (up
+    to 2), then each video's frames, 3 pixels and, under them, their time t (black: noise, white: clean)."""
+    if fc.pyplot() is None:  # Pillow comes with matplotlib
         return
-    from PIL import Image  # matplotlib's own dependency
+    from PIL import Image
 
     states = []  # the sampler's state after every step
     fc.generate(model, n, (cfg.channels, cfg.height, cfg.width), kappa=fc.KAPPAS[cfg.kappa](), steps=args.steps,
                 n_start=cfg.n_start, max_frames=args.max_frames, gamma=args.gamma, device=args.device,
                 generator=torch.Generator(args.device).manual_seed(args.seed), callback=states.append)
-    width = max(int(s.mask.sum(1).max()) for s in states)
-    image = lambda s: picture([x[m] for x, m in zip(s.x.cpu(), s.mask.cpu())],  # noqa: E731
-                              [t[m, None].expand(-1, 3) for t, m in zip(s.t.cpu(), s.mask.cpu())], width)
-    fig, ax = plt.subplots(figsize=(width * 0.25 + 1, n * 0.9 + 1))
-    im = ax.imshow(image(states[0]), interpolation="nearest")
-    ax.set(xlabel="frame", yticks=[])
-
-    pictures = []
+    width, pictures = max(int(s.mask.sum(1).max()) for s in states), []
     for s in states:
-        im.set_data(image(s))
-        ax.set_title(f"tau_g = {s.tau_g:.3f}; under each frame its t (black: noise, white: clean)")
-        fig.canvas.draw()
-        pictures.append(Image.frombuffer("RGBA", fig.canvas.get_width_height(), fig.canvas.buffer_rgba()))
-    plt.close(fig)
+        videos = [(x[m], t[m, None].expand(-1, 3)) for x, t, m in zip(s.x.cpu(), s.t.cpu(), s.mask.cpu())]
+        img = (255 * picture(*zip(*videos), width, bar=s.tau_g / 2)).round().astype("uint8")
+        pictures.append(Image.fromarray(img).resize((16 * width, 16 * len(img)), Image.NEAREST))
     gif = dict(format="GIF", save_all=True, append_images=pictures[1:], duration=80, loop=0)
-    fc.write_atomically(path, lambda f: pictures[0].convert("RGB").save(f, **gif))
+    fc.write_atomically(path, lambda f: pictures[0].save(f, **gif))
     print(f"wrote {path}")
 
 
 def latent_vae(args):
-    """The VAE that decodes a latent preset's samples: the one its training latents came from (or --vae,
-    which must be the same: the same fingerprint), and the fps of its training clips (or --fps)."""
+    """The VAE of the training latents (or --vae, of the same fingerprint) and their fps (or --fps)."""
     info, name = args.data_info, args.vae or args.data_info.get("vae")
     if name is None:
         raise ValueError(f"{args.ckpt} does not say which VAE made its latents: pass --vae")
@@ -254,7 +233,7 @@ def main(argv=None):
         args.gamma = cfg.gamma if args.gamma is None else args.gamma
         args.max_frames = args.max_frames or (2 if cfg.data == "toy" else 1) * cfg.max_frames
         frames, source_lengths = context_frames(args, cfg)
-        baseline = args.paradigm != "flowception"
+        baseline = cfg.paradigm != "flowception"  # --steps steps per frame, at --length or the context's
         lengths = baseline_lengths(args, cfg, frames, source_lengths) if baseline else None
         args.max_reveal_prob = 1.0 if baseline else args.max_reveal_prob  # exactly --steps steps per frame
         out = args.out or os.path.dirname(args.ckpt) or "."
@@ -264,16 +243,15 @@ def main(argv=None):
         samples = generate_all(model, args, cfg, frames, lengths)
         lengths = torch.tensor([len(s.frames) for s in samples])
         nfe = torch.tensor([s.nfe for s in samples])
-        print(f"{label}: {args.num} videos, task {args.task}, {args.paradigm}, "
-              f"{args.sampler}, {args.steps} steps, max_reveal_prob {args.max_reveal_prob}, guidance "
-              f"{args.rate_guidance}/{args.cfg}, gamma {args.gamma} | NFE per video "
-              f"{nfe.float().mean():.0f}, {time.time() - t0:.0f} s")
+        print(f"{label}: {args.num} videos, task {args.task}, {cfg.paradigm}, {args.sampler}, {args.steps} steps, "
+              f"max_reveal_prob {args.max_reveal_prob}, guidance {args.rate_guidance}/{args.cfg}, gamma "
+              f"{args.gamma} | NFE per video {nfe.float().mean():.0f}, {time.time() - t0:.0f} s")
         result = {"lengths": lengths, "insert_time": [s.insert_time for s in samples], "nfe": nfe,
                   "frames": [s.frames for s in samples], "context": [s.context for s in samples],
                   "source_lengths": source_lengths}
         fc.write_atomically(os.path.join(out, "samples.pt"), lambda f: torch.save(result, f))
         for i, s in enumerate(tqdm(samples, desc="decoding") if vae else []):  # latents: one clip at a time
-            pixels = fc.decode_latents(vae, s.frames, args.decode_timestep, args.decode_noise_scale)
+            pixels = fc.decode_latents(vae, s.frames)
             video = ((pixels + 1) * 127.5).round().to(torch.uint8)
             path = os.path.join(out, "videos", f"sample_{i:04d}.mp4")
             fc.write_atomically(path, lambda f: fc.write_video(f, video, args.fps))
@@ -285,13 +263,11 @@ def main(argv=None):
               f"{m['binned_tv']:.3f} | mean length {lengths.float().mean():.2f} | refused "
               f"{sum(s.refused for s in samples)}")
         q = result["quality"] = toy_data.quality([s.frames for s in samples])
-        names = {"one_clean_jump": "one clean jump", "excess": "median excess",
-                 "one_big_step": "one step > 0.2", "roughness": "roughness", "closes": "turn closes"}
-        content = " | ".join(f"{n} {q[k]:.3g} ({q['data'][k]:.3g})" for k, n in names.items())
+        content = " | ".join(f"{k} {q[k]:.3g} ({q['data'][k]:.3g})" for k in q["data"])  # toy_data.summary
         print(f"content (data): {content} | FD {q['fd']:.3g} (data vs data {q['fd_floor']:.3g})")
         fc.write_atomically(os.path.join(out, "samples.pt"), lambda f: torch.save(result, f))
         draw_videos(samples, os.path.join(out, "videos.png"))
-        if args.paradigm == "flowception" and args.task == "uncond":
+        if cfg.paradigm == "flowception" and args.task == "uncond":
             draw_generation(model, args, cfg, os.path.join(out, "generation.gif"))
     except (ValueError, OSError, ImportError) as e:  # a user's error, a missing package too: one line
         sys.exit(f"error: {e}")

@@ -233,7 +233,7 @@ def _loss_batch(K, can_insert, active=None):
     return fc.TrainingBatch(x_t=torch.zeros(B, F, 1, 1, 1), cond=torch.zeros(B, F, 1, 1, 1), t=torch.zeros(B, F),
                             mask=torch.ones(B, F, dtype=torch.bool), target=torch.zeros(B, F, 1, 1, 1),
                             active=active if active is not None else torch.ones(B, F, dtype=torch.bool),
-                            can_insert=can_insert, K=K, tau_g=torch.zeros(B, F),
+                            can_insert=can_insert, K=K,
                             video=torch.zeros(B, F, dtype=torch.long), position=torch.arange(F).expand(B, F))
 
 
@@ -678,26 +678,27 @@ def test_gamma_matched_is_exact_and_mismatched_departs():
 
 
 def test_baseline_states_have_the_papers_law():
-    """Appendix C.1: one flow time t = sigmoid(N(0, 1)) shared by the frames that flow; full sequence: every
-    frame; AR: frame j after j clean frames, j uniform on 0..n-1, nothing after it."""
-    lengths = torch.tensor([5, 9, 12] * 1000)
+    """Appendix C.1: one flow time t = sigmoid(N(0, 1)) for the frames that are not given; full sequence: every
+    frame; AR (train.global_batch): frame j after the j frames before it, given, j uniform on 0..n-1."""
     normal = torch.distributions.Normal(0.0, 1.0)
     for paradigm in ("full_sequence", "ar", "ar_causal"):
-        s = fc.baseline_state(lengths, paradigm, generator=gen(0))
-        assert (s.K == 0).all() and torch.equal(s.t[s.active], s.tau_g[:, None].expand_as(s.t)[s.active])
-        assert (s.t[s.context] == 1).all() and not (s.active & s.context).any()
-        z = torch.logit(s.tau_g.double()).sort().values.float()  # N(0, 1) if t is logit-normal: a KS test
-        assert (normal.cdf(z) - torch.arange(1, len(z) + 1) / len(z)).abs().max() < 1.63 / math.sqrt(len(z))  # 1%
+        cfg = fc.Config(**{**vars(fc.PRESETS["toy"]), "batch_size": 3000, "paradigm": paradigm})
+        data = train.global_batch(cfg, fc.LinearKappa(), gen(0))  # the same videos for every paradigm
+        lengths = toy_data.sample_toy_videos(3000, gen(0))[1]
+        t = data.t[data.active]
+        assert (data.K == 0).all() and (data.t[data.mask & ~data.active] == 1).all()  # the given frames: clean
+        z = torch.logit(t.double()).sort().values.float()  # N(0, 1) if t is logit-normal: a KS test at 1%
         if paradigm == "full_sequence":
-            assert torch.equal(s.visible, s.valid) and torch.equal(s.active, s.valid)
-            continue
-        j = s.context.sum(dim=1)  # clean frames before the one that flows, which is the last visible one
-        assert (s.active.sum(1) == 1).all() and torch.equal(s.active.float().argmax(1), j)
-        assert torch.equal(s.visible.sum(1), j + 1) and torch.equal(s.passive, s.context)
-        for n in (5, 12):  # j uniform on 0..n-1: a chi-square test at 1e-3
-            counts = torch.bincount(j[lengths == n], minlength=n).double()
-            expected = counts.sum() / n
-            assert ((counts - expected) ** 2 / expected).sum() < {5: 18.5, 12: 31.3}[n]
+            assert torch.equal(data.mask.sum(1), lengths) and torch.equal(data.active, data.mask)
+            z = torch.logit(data.t[:, 0].double()).sort().values.float()  # one t per video
+        else:
+            j = data.mask.sum(1) - 1  # the given frames, then the one that flows: the last
+            assert (data.active.sum(1) == 1).all() and torch.equal(data.active.float().argmax(1), j)
+            for n in (15, 30):  # j uniform on 0..n-1: a chi-square test at 1e-3 (14 and 29 degrees of freedom)
+                counts = torch.bincount(j[lengths == n], minlength=n).double()
+                expected = counts.sum() / n
+                assert ((counts - expected) ** 2 / expected).sum() < {15: 36.1, 30: 58.3}[n]
+        assert (normal.cdf(z) - torch.arange(1, len(z) + 1) / len(z)).abs().max() < 1.63 / math.sqrt(len(z))
 
 
 def test_full_sequence_baseline_samples_every_frame_in_steps():
@@ -1138,11 +1139,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys):
     assert "cannot resume with a different model shape or seed: seed" in code  # ignored before: the ckpt's
 
 
-def forward_flops(cfg, frames):
-    """The FLOP count of the tests and the README's cost claims. Matmul FLOPs of one forward pass over ONE video of `frames` real frames, as torchtitan and nanoGPT
-    count: 2 per parameter per token it touches (blocks: every token; patch embedding and velocity head:
-    patch tokens; adaLN, embeddings, rate head: once per frame), plus 4 D per query-key pair per block.
-    Training is 3x this (forward and backward), recomputation under checkpointing aside."""
+def forward_flops(cfg, frames, seen=None):
+    """The FLOP count of the tests and the README's cost claims: the matmul FLOPs of one forward pass over ONE
+    video of `frames` real frames, as torchtitan and nanoGPT count: 2 per parameter per token it touches
+    (blocks: every token; patch embedding and velocity head: patch tokens; adaLN, embeddings, rate head: once
+    per frame), plus 4 D per query-key pair per block. seen: the frames the query frames see, summed over
+    them (None: every frame sees its video, or +-window). Training is 3x this (forward and backward)."""
     D, C, (ph, pw) = cfg.dim, cfg.channels, cfg.patch
     L = (cfg.height // ph) * (cfg.width // pw)  # patch tokens per frame; L + 1 with the rate token
     hidden = int(D * cfg.mlp_ratio)
@@ -1151,7 +1153,9 @@ def forward_flops(cfg, frames):
     embedders = (256 * D + D * D) * (1 + cfg.count_embedding)  # time (and count) embedding
     per_frame = embedders + cfg.depth * 6 * D * D + 2 * D * D + (D * D + D)  # adaLN, final adaLN, rate head
     w = cfg.window or frames
-    pairs = sum(min(frames, i + w + 1) - max(0, i - w) for i in range(frames)) * (L + 1) ** 2  # query-key
+    if seen is None:
+        seen = sum(min(frames, i + w + 1) - max(0, i - w) for i in range(frames))
+    pairs = seen * (L + 1) ** 2  # query-key pairs
     return 2 * frames * ((L + 1) * per_token + L * per_patch + per_frame) + 4 * cfg.depth * D * pairs
 
 
@@ -1471,12 +1475,13 @@ def test_a_timestep_conditioned_vae_decodes_at_005_with_0025_noise():
     z = fc.encode_video(vae, _smooth_video(9).float() / 127.5 - 1)
     assert z.shape == (2, 128, 2, 2)
     seen, decode = [], vae.decode
-    vae.decode = lambda z, temb: (seen.append(temb.tolist()), decode(z, temb))[1]
-    default = fc.decode_latents(vae, z, generator=gen(0))
-    explicit = fc.decode_latents(vae, z, 0.05, 0.025, generator=gen(0))
-    other_noise = fc.decode_latents(vae, z, 0.05, 0.05, generator=gen(0))
-    assert default.shape == (9, 3, 64, 64) and seen[0] == pytest.approx([0.05])
-    assert torch.equal(default, explicit) and not torch.equal(default, other_noise)
+    vae.decode = lambda z, temb: (seen.append((z, temb.tolist())), decode(z, temb))[1]
+    out = fc.decode_latents(vae, z, generator=gen(0))
+    clean = z.permute(1, 0, 2, 3)[None] * vae.latents_std.view(-1, 1, 1, 1) / vae.config.scaling_factor
+    clean = clean + vae.latents_mean.view(-1, 1, 1, 1)  # (1, C, f, h, w), as the VAE made it
+    noise = torch.randn(clean.shape, generator=gen(0))
+    assert out.shape == (9, 3, 64, 64) and seen[0][1] == pytest.approx([0.05])
+    assert torch.allclose(seen[0][0], 0.975 * clean + 0.025 * noise, atol=1e-5)  # noise 0.025 mixed in
 
 
 def test_videos_of_any_size_are_cropped_resized_and_cut_while_decoded(tmp_path):
@@ -1525,7 +1530,6 @@ def test_odd_videos_encode_train_and_sample_back_to_mp4_with_their_vae_and_fps(t
     assert [r["step"] for r in log] == [1, 2, 3] and all(math.isfinite(r["grad_norm"]) for r in log)
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     assert ckpt["data"] == {"fps": 24.0, **identity} and json.load(open(run / "config.json"))["dim"] == 64
-    assert (run / "loss.png").exists()
     sample.main(["--ckpt", str(run / "ckpt.pt"), "--num", "3", "--steps", "4"])  # no --vae, no --fps
     saved = torch.load(run / "samples.pt", weights_only=True)
     for i, z in enumerate(saved["frames"]):  # every sample decoded one clip at a time: 1 + 8 (f - 1) frames
@@ -1554,34 +1558,57 @@ def test_odd_videos_encode_train_and_sample_back_to_mp4_with_their_vae_and_fps(t
 
 
 class FlopCounter:
-    """A model, counting the FLOPs of each call over every video's real frames (fc.forward_flops)."""
+    """A model, counting the FLOPs of each call over every video's real frames (forward_flops), all and those
+    of attention: a frame sees its video; causal (ar_causal), the frames up to it; in a KV-cache call, the
+    cached frames and itself."""
 
     def __init__(self, model, cfg):
-        self.model, self.cfg, self.flops = model, cfg, 0.0
+        self.model, self.cfg, self.flops, self.attention = model, cfg, 0.0, 0.0
 
-    def __call__(self, x_t, t, mask, cond):
-        self.flops += sum(forward_flops(self.cfg, n) for n in mask.sum(dim=1).tolist())
-        return self.model(x_t, t, mask, cond)
+    def __call__(self, x_t, t, mask, cond, *rest):
+        cache = rest[2] if len(rest) > 2 else None
+        for n in mask.sum(dim=1).tolist():
+            causal = self.cfg.paradigm == "ar_causal"
+            seen = n * (cache.frames + 1) if cache is not None else n * (n + 1) // 2 if causal else None
+            self.flops += forward_flops(self.cfg, n, seen)
+            self.attention += forward_flops(self.cfg, n, seen) - forward_flops(self.cfg, n, 0)
+        return self.model(x_t, t, mask, cond, *rest)
 
 
-def test_sampling_flops_flowception_vs_full_sequence():
-    """At equal steps per frame (the uniform grid of Algorithm 1) the baseline takes exactly `steps`
-    evaluations of every frame; Flowception takes more evaluations, each over fewer frames at first, and
-    its FLOPs land between 1x and 2x the baseline's (its last evaluations see every frame; the paper's 2/3
-    forgets them, README)."""
-    cfg, oracle = fc.PRESETS["toy"], PosteriorMeanOracle(toy_data.length_probs())
+def test_table_5_sampling_flops_of_the_three_paradigms():
+    """Table 5 on the toy, measured: 32 unconditional videos per paradigm at the lengths Flowception gave,
+    T = 10 steps per frame, FLOPs / the full sequence's. The paper's attention terms: full sequence
+    T (nL)^2; AR n/3 T (nL)^2 (each of the n frames' T steps sees every earlier frame: sum_k k^2 = n^3/3);
+    AR with the cache 1/2 T (nL)^2 (the new frame's queries only); Flowception alpha/3 T (nL)^2. Ours are
+    the exact sums: AR sum_k k^2 / n^2 = (n + 1)(2n + 1) / 6n; with the cache (n + 1) / 2n, plus one pass
+    per frame to cache it, (n - 1) / 2nT; Flowception more than 1x (README)."""
+    cfg, T = fc.PRESETS["toy"], 10
+    oracle = PosteriorMeanOracle(toy_data.length_probs())
     flow = FlopCounter(oracle, cfg)
-    out = fc.generate(flow, 64, (3, 1, 3), steps=10, max_reveal_prob=1.0, generator=gen(0))
+    out = fc.generate(flow, 32, (3, 1, 3), steps=T, max_reveal_prob=1.0, generator=gen(0))
     lengths = _lengths(out)
-    full, nfe = FlopCounter(oracle, cfg), []
-    for n in lengths.unique().tolist():  # the baseline at the same lengths
-        same = fc.generate(fc.never_inserts(full), int((lengths == n).sum()), (3, 1, 3), n_start=n, steps=10,
-                           max_reveal_prob=1.0, generator=gen(n))
-        nfe += [s.nfe for s in same]
-    assert nfe == [10] * 64 and 10 < sum(s.nfe for s in out) / 64 <= 20
-    assert full.flops >= 10 * 64 * forward_flops(cfg, 14)  # 10 evaluations of 64 videos of >= 14 frames
-    print(f"Flowception / full sequence sampling FLOPs: {flow.flops / full.flops:.3f}")  # README
-    assert 1.0 < flow.flops / full.flops < 2.0
+    assert 10 < sum(s.nfe for s in out) / 32 <= 20  # more evaluations than T, each over fewer frames at first
+    counters = {"flowception": flow}
+    for paradigm in ("full_sequence", "ar", "ar_causal", "ar_causal + cache"):
+        c = fc.Config(**{**vars(cfg), "paradigm": paradigm.split()[0]})
+        model = FlopCounter(lambda x, t, m, c, *rest: (torch.zeros_like(x), torch.zeros(m.shape)), c)
+        for n, B in zip(*(v.tolist() for v in lengths.unique(return_counts=True))):  # the videos of length n
+            if paradigm == "full_sequence":
+                fc.generate(fc.never_inserts(model), B, (3, 1, 3), n_start=n, steps=T, max_reveal_prob=1.0)
+            else:
+                cache = fc.KVCache(cfg.depth) if "cache" in paradigm else None
+                assert fc.generate_ar(model, torch.zeros(B, 0, 3, 1, 3), n, cache, steps=T)[1] == n * T
+        counters[paradigm] = model
+    full = counters["full_sequence"]
+    ratio = {k: (c.attention / full.attention, c.flops / full.flops) for k, c in counters.items()}
+    ns = lengths.double()
+    per_video = {"ar": (ns + 1) * (2 * ns + 1) * ns / 6,  # attention pairs over T (L+1)^2: sum_k k^2,
+                 "ar_causal": ns * (ns + 1) * (ns + 2) / 6,  # sum_k k (k + 1) / 2 (the earlier frames only),
+                 "ar_causal + cache": ns * (ns + 1) / 2 + (ns - 1) * ns / (2 * T)}  # sum_k k, + the caching passes
+    print({k: f"attention {a:.3f}, all {b:.3f}" for k, (a, b) in ratio.items()})  # README, Table 5
+    for paradigm, pairs in per_video.items():  # against the full sequence's n^2
+        assert math.isclose(ratio[paradigm][0], pairs.sum() / (ns**2).sum(), rel_tol=1e-9), paradigm
+    assert 1.0 < ratio["flowception"][0] < 2.0 and 1.0 < ratio["flowception"][1] < 2.0
 
 
 def test_training_flops_are_most_of_the_baselines_not_a_third():
@@ -1734,18 +1761,10 @@ def test_checkpoints_of_another_version_or_with_bad_weights_are_named(tmp_path, 
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     code, _ = _run_cli(sample.main, ["--ckpt", str(tmp_path / "bad.pt")], capsys)
     _one_line_error(code, "is not a readable checkpoint (RuntimeError: mmap can only be used")  # why, not what
-    retired = {**ckpt, "config": {**ckpt["config"], "attention": "flex", "compile": True}}  # an older run's keys
-    torch.save(retired, tmp_path / "older_ok.pt")
-    assert fc.load_checkpoint(str(tmp_path / "older_ok.pt"))[1] == fc.Config.from_dict(ckpt["config"])
-    pre_rope = {k: v for k, v in ckpt["config"].items() if k != "rope_frame_base"}  # written before e569234
-    torch.save({**ckpt, "config": pre_rope}, tmp_path / "pre_rope.pt")  # a toy: its RoPE split changed since
-    code, _ = _run_cli(sample.main, ["--ckpt", str(tmp_path / "pre_rope.pt")], capsys)
-    _one_line_error(code, "pre_rope.pt: it is older than the RoPE fix of one-patch frame axes", "retrain it")
-    latent = {k: v for k, v in vars(fc.PRESETS["latent_tiny"]).items() if k != "rope_frame_base"}
-    assert fc.Config.from_dict(latent).rope_frame_base == 10_000  # a 2x2 grid: split as before, the old base
-    before_ar = {k: v for k, v in ckpt["config"].items() if k != "paradigm"}  # the baseline was a flag
-    assert fc.Config.from_dict({**before_ar, "full_sequence": True}).paradigm == "full_sequence"
-    assert fc.Config.from_dict({**before_ar, "full_sequence": False}).paradigm == "flowception"
+    before = {k: v for k, v in ckpt["config"].items() if k not in ("paradigm", "rope", "rope_delta")}
+    torch.save({**ckpt, "config": {**before, "full_sequence": False}}, tmp_path / "before.pt")  # before the AR
+    code, _ = _run_cli(sample.main, ["--ckpt", str(tmp_path / "before.pt")], capsys)  # baselines: another RoPE
+    _one_line_error(code, "unknown keys ['full_sequence'] and lacks ['paradigm', 'rope', 'rope_delta']", "retrain it")
 
 
 def test_devices_data_and_folders_a_user_names(tmp_path, capsys, monkeypatch):
@@ -1776,16 +1795,17 @@ def test_devices_data_and_folders_a_user_names(tmp_path, capsys, monkeypatch):
 
 def test_sampling_flags_and_context_files(tmp_path, capsys):
     train.main(QUICK + ["--tasks", "uncond:1,i2v:1,interp:1,extend:1", "--out", str(tmp_path)])
-    ckpt = ["--ckpt", str(tmp_path / "ckpt.pt"), "--num", "4"]
+    train.main(QUICK + ["--tasks", "uncond:1,extend:1", "--paradigm", "full_sequence", "--out", str(tmp_path / "f")])
+    ckpt, full = ["--ckpt", str(tmp_path / "ckpt.pt"), "--num", "4"], ["--ckpt", str(tmp_path / "f" / "ckpt.pt")]
     for flags, words in ((["--cfg", "inf"], "--cfg must be in [0, 100], got inf"),
                          (["--max-frames", "-1"], "--max-frames must be in [1, 10000]"),
-                         (["--length", "0", "--paradigm", "full_sequence"], "--length must be in [1, 10000], got 0"),
+                         (full + ["--length", "0"], "--length must be in [1, 10000], got 0"),
                          (["--rate-guidance", "nan"], "--rate-guidance must be in"),
                          (["--steps", "1000000"], "--steps must be in [1, 10000], got 1000000"),
                          (["--max-reveal-prob", "1e-9"], "--max-reveal-prob must be in [0.001, 1]"),
                          (["--out", str(tmp_path / "ckpt.pt")], "File exists"),
                          (["--task", "extend", "--prefix", "10", "--max-frames", "5"], "--max-frames 5 leaves room for 4"),
-                         (["--paradigm", "full_sequence", "--task", "extend", "--prefix", "15", "--num", "64"],  # it said "got None"
+                         (full + ["--task", "extend", "--prefix", "15", "--num", "64"],  # it said "got None"
                           "--length must be in [16, 60] (given: 15), got none: the videos have 15 to 30 frames")):
         code, _ = _run_cli(sample.main, ckpt + flags, capsys)
         _one_line_error(code, words)

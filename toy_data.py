@@ -57,10 +57,9 @@ def length_metrics(lengths):
 
 def features(frames):
     """What a toy video (F, 3, 1, 3) should look like, as numbers the data fix: the middle pixel's variation
-    beyond one clean jump (0 in the data) and its steps larger than 0.2 (one, unless g_0 and g_1 are close),
-    the outer pixels' roughness (the mean |second difference|) and the kink where the clip wraps round to
-    its start, beyond that roughness (about 0: one turn per clip, so the frame after the last is frame 0),
-    and the length."""
+    beyond one clean jump (0 in the data) and its steps over 0.2 (one, unless g_0 and g_1 are close), the
+    outer pixels' roughness (mean |second difference|) and the kink where the clip wraps round to its start,
+    beyond that roughness (about 0: one turn per clip, the frame after the last is frame 0), the length."""
     middle = frames[:, :, 0, 1].double().mean(dim=1)  # (F,) the grey level
     outer = frames[:, :, 0, [0, 2]].double()  # (F, 3, 2)
     loop = torch.cat([outer, outer[:2]])  # the clip, then its own start again

@@ -1,9 +1,8 @@
-"""Train Flowception: `python train.py` (the toy, minutes on a CPU), `torchrun --nproc_per_node=8 train.py
---preset taichi256 --data data/taichi256`, `python train.py --encode-videos videos/ --preset taichi256 --out
-data/taichi256` (videos -> LTX latents). One code path for 1..N processes: each builds the same global batch
-from the shared data stream and trains on its share, in --grad-accum micro-batches packed into rows of
---pack frames; the losses are normalised by the GLOBAL batch's counts, so N processes x k micro-batches
-compute exactly one process's loss and gradient."""
+"""Train Flowception: `python train.py` (the toy), `torchrun --nproc_per_node=8 train.py --preset taichi256
+--data DIR`, `python train.py --encode-videos videos/ --preset taichi256 --out DIR` (videos -> LTX latents).
+One code path for 1..N processes: each builds the same global batch and trains on its share, in --grad-accum
+micro-batches packed into rows of --pack frames; the losses are normalised by the GLOBAL batch's counts, so N
+processes x k micro-batches compute exactly one process's loss and gradient."""
 import argparse
 import contextlib
 import copy
@@ -64,7 +63,6 @@ def parse_args(argv=None):
     arg("--n-start", type=int, help="frames present at tau_g = 0")
     arg("--tau-density", choices=fc.TAU_DENSITIES, help="law of the global time tau_g on [0, 2)")
     arg("--rate-weight", type=float, help="weight of the insertion (Poisson) loss")
-    arg("--hazard-weight", action="store_true", default=None, help="weight it by dkappa/(1 - kappa), Eq. 19")
     arg("--tasks", help=f"task mix, e.g. 'uncond:2,i2v:1' (tasks: {', '.join(fc.TASKS)})")
     arg("--cond-dropout", type=float, help="P(a video's context is dropped), for guidance")
     arg("--paradigm", choices=fc.PARADIGMS, help="Flowception, or a baseline (t ~ sigmoid(N(0, 1))): "
@@ -133,8 +131,8 @@ FULL = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered 
 
 
 def save_checkpoint(path, model, ema, opt, step, cfg, preset, data_rng, data_info):
-    """Full (gathered) tensors and plain data in one file, by rank 0 (every process calls it): it loads with
-    torch.load(weights_only=True) anywhere, resumes on any number of processes. data_info: fps and VAE."""
+    """Full (gathered) tensors and plain data in one file by rank 0 (all call it): it loads with weights_only
+    anywhere and resumes on any number of processes. data_info: the latents' fps and VAE."""
     ckpt = {name: dcp.get_model_state_dict(m, options=FULL) for name, m in (("model", model), ("ema", ema))}
     ckpt |= {"optimizer": dcp.get_optimizer_state_dict(model, opt, options=FULL), "step": step,
              "preset": preset, "config": dataclasses.asdict(cfg), "data_rng": data_rng.get_state(),
@@ -144,8 +142,7 @@ def save_checkpoint(path, model, ema, opt, step, cfg, preset, data_rng, data_inf
 
 
 def claim_folder(out, resume):
-    """Rank 0 makes sure this run destroys nothing: a lock refuses a second live run, a new run never starts
-    where a checkpoint is (a log alone, of a run stopped before its first save, is started over); no .tmp."""
+    """Rank 0: a lock refuses a second live run; a new run never starts where a checkpoint is."""
     lock = fc.hold_lock(out, ".lock")
     ckpt_path = os.path.join(out, "ckpt.pt")
     if not resume and os.path.exists(ckpt_path):
@@ -169,8 +166,7 @@ def log_rows(path, last):
 
 
 def encode_videos(src, out, vae_name, device, cfg):
-    """Every video of src (any ffmpeg reads) -> a latent file at its path under out, + ".pt": the first
-    1 + 8 (max_frames - 1) frames, sized to the preset's latents x 32, with fps and VAE; failures named."""
+    """Every video of src -> out/<its path>.pt: its first 1 + 8 (max_frames - 1) frames, the preset's size."""
     if world_size > 1 or cfg.data != "latents":
         raise ValueError("--encode-videos runs in one process (not under torchrun), for a latent preset ("
                          + ", ".join(name for name, c in fc.PRESETS.items() if c.data == "latents") + ")")
@@ -200,20 +196,6 @@ def encode_videos(src, out, vae_name, device, cfg):
           f"{size[0]}x{size[1]} px, with {identity['vae']} ({identity['vae_fingerprint']})")
 
 
-def plot_log(log_path, png):
-    """The losses and the gradient norm of every step, from log.jsonl (when matplotlib is there)."""
-    if (plt := fc.pyplot()) is None or not (rows := log_rows(log_path, math.inf)):
-        return
-    fig, ax = plt.subplots(figsize=(7, 3))
-    for key in ("velocity", "rate", "grad_norm"):
-        ax.plot([r["step"] for r in rows], [r.get(key, math.nan) for r in rows], label=key, linewidth=0.8)
-    ax.set(xlabel="step", yscale="log", title=os.path.dirname(log_path))
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-
-
 def global_batch(cfg, kappa, data_rng, clips=None):
     """The step's whole batch, built on the CPU from the shared data stream (the same on every process)."""
     # 1. clean videos, padded, and their lengths
@@ -229,11 +211,15 @@ def global_batch(cfg, kappa, data_rng, clips=None):
         lengths = torch.full((B,), F)
     # 2. each video's task (its context frames) and where each of its frames stands in extended time
     context, passive = fc.sample_context(lengths, cfg.tasks, data_rng)
+    if cfg.paradigm.startswith("ar"):  # Appendix C.1: j frames given, j uniform on 0..n-1, then frame j
+        lengths = 1 + (torch.rand(B, generator=data_rng) * lengths).long()  # the clip cut after it
+        x_1 = x_1[:, : int(lengths.max())]
+        context = passive = torch.arange(x_1.shape[1]) < lengths[:, None] - 1
     if cfg.paradigm == "flowception":
         state = fc.sample_training_state(lengths, kappa, cfg.n_start, None, data_rng, cfg.tau_density,
                                          context, passive, cfg.gamma)
-    else:  # the baselines: one shared flow time (the AR ones draw their own context)
-        state = fc.baseline_state(lengths, cfg.paradigm, context, passive, data_rng)
+    else:  # the baselines: one flow time for every frame that is not given
+        state = fc.baseline_state(lengths, context, passive, data_rng)
     # 3. what the model sees: the visible frames, noised to their own times, stripped and padded
     return fc.make_training_batch(x_1, state, generator=data_rng, cond_dropout=cfg.cond_dropout)
 
@@ -264,9 +250,8 @@ def pack_batch(batch, capacity):
     return fc.TrainingBatch(**moved, video=src_b, position=src_f)
 
 
-def forward_backward(net, model, batch, cfg, kappa, device, autocast):
-    """Gradients of the global batch's loss from this process's share of it, in grad_accum micro-batches
-    (trimmed or packed) -> the global losses (2,)."""
+def forward_backward(net, model, batch, cfg, device, autocast):
+    """This process's share of the global batch's loss and gradients, in grad_accum micro-batches."""
     n_active, n_insert = batch.active.sum().clamp_min(1), batch.can_insert.sum().clamp_min(1)  # global counts
     losses = torch.zeros(2, dtype=torch.float64)
     micro = torch.arange(len(batch.mask)).chunk(world_size)[rank].chunk(cfg.grad_accum)  # rows of the batch
@@ -281,7 +266,7 @@ def forward_backward(net, model, batch, cfg, kappa, device, autocast):
         with autocast, (net.no_sync() if net is not model and not last else contextlib.nullcontext()):
             v, log_lam = net(mb.x_t, mb.t, mb.mask, mb.cond, mb.video, mb.position)
             loss_v = fc.velocity_loss(v, mb, count=n_active)  # this micro-batch's share of the global means
-            loss_r = fc.rate_loss(log_lam, mb, kappa, cfg.hazard_weight, count=n_insert)
+            loss_r = fc.rate_loss(log_lam, mb, count=n_insert)
             loss = loss_v + (cfg.rate_weight if cfg.paradigm == "flowception" else 0) * loss_r
             (loss * world_size).backward()  # DDP averages over processes; the counts are already global
         losses += torch.stack([loss_v.detach(), loss_r.detach()]).double().cpu()
@@ -326,7 +311,6 @@ def train(args):
     del ckpt
     with claim_folder(out, args.resume) if rank == 0 else contextlib.nullcontext():  # released as run ends
         run(args, cfg, resumed, device, out)
-    return out
 
 
 def run(args, cfg, resumed, device, out):
@@ -375,7 +359,7 @@ def run(args, cfg, resumed, device, out):
         batch = global_batch(cfg, kappa, data_rng, clips)
         # 2. this process's share of the losses and gradients (Eqs. 11, 12)
         opt.zero_grad(set_to_none=True)
-        losses = forward_backward(net, model, batch, cfg, kappa, device, autocast)
+        losses = forward_backward(net, model, batch, cfg, device, autocast)
         # 3. clip; stop on a NaN or inf before it reaches the weights; schedule, step, EMA (warmed up)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
@@ -420,9 +404,7 @@ def main(argv=None):
         if args.encode_videos:
             return encode_videos(args.encode_videos, args.out or "data/latents", args.vae,
                                  fc.get_device(args.device), fc.PRESETS[args.preset])
-        out = train(args)
-        if rank == 0:
-            plot_log(os.path.join(out, "log.jsonl"), os.path.join(out, "loss.png"))
+        train(args)
     except (ValueError, OSError, ImportError) as e:  # a user's error: one line, once (rank 0); all exit 1
         sys.exit(f"error: {e}" if rank == 0 else 1)
     except KeyboardInterrupt:  # Ctrl-C: files are written whole (fc.write_atomically); say what is there
