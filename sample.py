@@ -2,7 +2,7 @@
 
     python sample.py                                # out/toy/ckpt.pt (EMA weights), 512 videos
     python sample.py --ckpt out/toy_tasks/ckpt.pt --task interp --anchors 1  # first, middle, last given
-    python sample.py --steps 100 --sampler bernoulli --max-reveal-prob 1   # Algorithm 1 exactly
+    python sample.py --steps 100 --sampler bernoulli --max-reveal-prob 1   # Algorithm 1's grid and draw
     python sample.py --ckpt out/full/ckpt.pt        # a baseline (train.py --paradigm): at the data's lengths
 
 Toy checkpoints: the histogram, toy_data's metrics, samples.pt, videos.png, generation.gif. Latents: mp4s."""

@@ -58,7 +58,7 @@ def parse_args(argv=None):
     arg("--heads", type=int, help="attention heads")
     arg("--rope", choices=fc.ROPES, help="RoPE over (frame, row, column): axial, or videorope (the paper's)")
     arg("--window", type=int, help="attention within +-window frames (0: the whole video)")
-    arg("--count-embedding", action=flag, help="embed the frame count; --no-count-embedding: the paper's DiT")
+    arg("--count-embedding", action=flag, help="embed the frame count (ours; the paper has none)")
     arg("--kappa", choices=fc.KAPPAS, help="insertion scheduler")
     arg("--n-start", type=int, help="frames present at tau_g = 0")
     arg("--tau-density", choices=fc.TAU_DENSITIES, help="law of the global time tau_g on [0, 2)")
