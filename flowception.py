@@ -115,9 +115,9 @@ class Config:
 
 
 PRESETS = {
-    # the 3-pixel toy videos of Appendix F; 354,506 parameters; 3 minutes on 2 CPU cores
+    # the 3-pixel toy videos of Appendix F; 354,506 parameters; 3 to 6 minutes on 2 CPU cores
     "toy": Config(steps=4000, batch_size=32, lr=2e-3, tau_density="late", pack=30),
-    # the same toy on every task of Figure 4, with conditioning dropout for guidance; 5 to 8 minutes
+    # the same toy on every task of Figure 4, with conditioning dropout for guidance; 5 to 8 minutes (README)
     "toy_tasks": Config(steps=5000, batch_size=32, lr=2e-3, tau_density="late", pack=30,
                         tasks="uncond:1,i2v:1,interp:1,extend:1", cond_dropout=0.1),
     # the latent path end to end on a CPU: LTX latents of 64 px clips (2x2, up to 65 frames), tiny DiT
