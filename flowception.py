@@ -33,8 +33,7 @@ from tqdm import tqdm
 #################################### Config #####################################
 
 
-# Flowception and the baselines of Section 4.1: full sequence, autoregressive (bidirectional, causal by frame)
-PARADIGMS = ("flowception", "full_sequence", "ar", "ar_causal")
+PARADIGMS = ("flowception", "full_sequence", "ar", "ar_causal")  # Flowception and Section 4.1's baselines
 ROPES = ("axial", "videorope")  # rope_angles
 
 
@@ -115,15 +114,16 @@ class Config:
 
 
 PRESETS = {
-    # the 3-pixel toy videos of Appendix F; 354,506 parameters; 3 to 6 minutes on 2 CPU cores
-    "toy": Config(steps=4000, batch_size=32, lr=2e-3, tau_density="late", pack=30),
-    # the same toy on every task of Figure 4, with conditioning dropout for guidance; 5 to 8 minutes (README)
-    "toy_tasks": Config(steps=5000, batch_size=32, lr=2e-3, tau_density="late", pack=30,
+    # the quickstart, Appendix F's 3-pixel videos: 354,506 parameters, 5-10 min on 2 CPU cores (sweep: README)
+    "toy": Config(steps=6000, batch_size=32, lr=2e-3, tau_density="late", pack=30),
+    # the toy at the size that learns the content: 1,933,578 parameters, 4 min on one GPU, 2 hours on 2 cores
+    "toy_full": Config(dim=128, depth=6, steps=2310, batch_size=512, lr=2e-3, tau_density="late"),
+    # Figure 4's tasks, cond. dropout for guidance: 9,936,650 parameters, 4 min on one GPU, 6-10 h on 2 cores
+    "toy_tasks": Config(dim=256, depth=8, heads=8, steps=2310, batch_size=512, lr=2e-3, tau_density="late",
                         tasks="uncond:1,i2v:1,interp:1,extend:1", cond_dropout=0.1),
     # the latent path end to end on a CPU: LTX latents of 64 px clips (2x2, up to 65 frames), tiny DiT
     "latent_tiny": Config(data="latents", channels=128, height=2, width=2, max_frames=9, patch=(1, 1),
-                          dim=64, depth=2, heads=4, steps=200, batch_size=8, lr=1e-3, warmup=20, pack=9,
-                          rope="videorope"),
+                          dim=64, depth=2, steps=200, batch_size=8, warmup=20, pack=9, rope="videorope"),
     # the paper's 256 px Tai-Chi config over 128-channel LTX latents at 8x8: 1,627,827,073 parameters (README)
     "taichi256": Config(data="latents", channels=128, height=8, width=8, max_frames=19, patch=(1, 1),
                         dim=1536, depth=38, heads=24, batch_size=8, lr=1e-4, warmup=1000, steps=300_000,
@@ -223,20 +223,18 @@ def choose(allowed, k, generator=None):
     return allowed & (score.argsort(dim=1).argsort(dim=1) < k[:, None])  # the k lowest scores: a random order
 
 
-def sample_training_state(lengths, kappa=None, n_start=1, tau_g=None, generator=None, tau_density="uniform",
-                          context=None, passive=None, gamma=1.0):
+def sample_training_state(lengths, kappa=LinearKappa(), n_start=1, tau_g=None, generator=None,
+                          tau_density="uniform", context=None, passive=None, gamma=1.0):
     """Algorithm 2: the extended-time state of videos of these lengths (B,) at tau_g (None: drawn from
     tau_density; or a float or (B,) tensor). Start frames (s_i = 0): frame 0 (nothing is inserted left of it)
     and n_start - 1 uniform others; with context (B, F), which begins a video, one uniform among the free
     frames before more context: the model's clock (t = tau_g), where make_prompt puts it. Rows with no active
     frame, never visited by the sampler, redraw s (and tau_g unless fixed); the paper's tau_g ~ U(0, max_i
     s_i + 1) instead tilts the law of s by 1 / (max_i s_i + 1) (tested)."""
-    kappa = kappa or LinearKappa()
     lengths = torch.as_tensor(lengths, dtype=torch.long)
     device, B, F = lengths.device, len(lengths), int(lengths.max())
     valid = torch.arange(F, device=device) < lengths[:, None]  # (B, F)
-    context = valid & (context if context is not None else torch.zeros_like(valid))
-    passive = valid & (passive if passive is not None else torch.zeros_like(valid))
+    context, passive = (valid & (p if p is not None else torch.zeros_like(valid)) for p in (context, passive))
     free = valid & ~context  # the frames the model generates
     has_context = context.any(dim=1)  # (B,)
     assert (context[:, 0] | ~has_context).all(), "context begins a video (sample_context, make_prompt)"
@@ -246,8 +244,7 @@ def sample_training_state(lengths, kappa=None, n_start=1, tau_g=None, generator=
     n_starts = torch.where(has_context, 1, n_start)  # (B,)
     fixed = tau_g is not None
     tau_g = torch.as_tensor(tau_g if fixed else 0.0, device=device).float().expand(B).clone()
-    s = torch.empty(B, F, device=device)
-    redraw = torch.ones(B, dtype=torch.bool, device=device)
+    s, redraw = torch.empty(B, F, device=device), torch.ones(B, dtype=torch.bool, device=device)
     for _ in range(10_000):  # rejection: a shrinking set of rows, vectorised within each round
         if not redraw.any():
             break
@@ -310,9 +307,8 @@ def make_training_batch(x_1, state, generator=None, cond_dropout=0.0):
         context = context & ~drop[:, None]
     cond = torch.where(context[:, :, None, None, None], x_1, 0.0)  # (B, F, C, H, W)
     # f_strip of Algorithm 2: the visible frames of each row to the front, in order
-    index = torch.sort((~state.visible).to(torch.uint8), dim=1, stable=True).indices  # (B, F) visible first
     n = state.visible.sum(dim=1)
-    index = index[:, : int(n.max())]  # (B, F')
+    index = torch.sort((~state.visible).byte(), dim=1, stable=True).indices[:, : int(n.max())]  # (B, F')
     mask = torch.arange(index.shape[1], device=index.device) < n[:, None]  # (B, F')
     strip = lambda z: z[torch.arange(len(z), device=z.device)[:, None], index]  # noqa: E731  (B, F', ...)
     return TrainingBatch(x_t=strip(x_t), cond=strip(cond), t=strip(state.t), mask=mask,
@@ -412,9 +408,8 @@ class TimestepEmbedder(nn.Module):
 
 
 def rope_split(head_dim, rows=2, cols=2):
-    """Head channels per RoPE axis (frame, h, w), each even: h and w get about a third each, unless a frame
-    is one patch high (rows = 1) or wide: a constant position rotates nothing, so the frame axis takes those
-    channels (the toy's one-token frames: all; with a third each its outer pixels were twice as rough)."""
+    """Head channels per RoPE axis (frame, h, w), each even: h and w get about a third each, unless a frame is
+    one patch high (rows = 1) or wide: a constant position rotates nothing, so the frame axis takes them."""
     hw = 2 * (head_dim // 6)
     h, w = hw * (rows > 1), hw * (cols > 1)
     return head_dim - h - w, h, w
@@ -543,9 +538,8 @@ class Flowception(nn.Module):
         return allowed[:, None]
 
     def forward(self, x_t, t, mask, cond, video=None, position=None, cache=None):
-        """video, position (B, F) long: for rows packed with several videos (train.pack_batch), which video
-        each frame belongs to (-1: padding) and its index in that video. Default: one video per row. cache:
-        a KVCache; one frame per row then, which attends to the cached frames and itself."""
+        """video, position (B, F): each frame's video in a packed row (-1: padding) and index in it, as in
+        TrainingBatch (default: one video per row). cache: a KVCache, with one frame per row."""
         cfg, (B, F), (ph, pw) = self.cfg, mask.shape, self.cfg.patch
         if video is None:
             video, position = torch.where(mask, 0, -1), torch.arange(F, device=mask.device).expand(B, F)
@@ -574,9 +568,25 @@ class Flowception(nn.Module):
         return v.to(x_t.dtype, copy=True), log_lam.to(torch.float32, copy=True)  # not views: FSDP2's hooks
 
 
-def build_model(cfg):
-    """The DiT for a config. Works under `with torch.device("meta")`, to count parameters for free."""
-    return Flowception(cfg)
+build_model = Flowception  # the DiT for a config; under `with torch.device("meta")` it costs no memory
+
+
+@functools.cache
+def forward_flops(cfg, frames, seen=None):
+    """Matmul FLOPs of a forward pass over ONE video of `frames` frames, counted for MFU as torchtitan does
+    (training: 3x): 2 per weight per token it acts on (adaLN, embedders, rate head: once per frame), 4 D per
+    query-key pair per block. seen: the frames that frames see, summed (None: their video, window, causal)."""
+    D, C, (ph, pw) = cfg.dim, cfg.channels, cfg.patch
+    L = (cfg.height // ph) * (cfg.width // pw)  # patch tokens per frame; L + 1 with the rate token
+    per_token = cfg.depth * (4 * D * D + 2 * D * int(D * cfg.mlp_ratio))  # qkv, projection, MLP
+    per_patch = 2 * C * ph * pw * D + D * C * ph * pw  # patch embedding (2C channels in), velocity head
+    embedders = (256 * D + D * D) * (1 + cfg.count_embedding)  # time (and count) embedding
+    per_frame = embedders + cfg.depth * 6 * D * D + 2 * D * D + (D * D + D)  # adaLN, final adaLN, rate head
+    w, causal = cfg.window or frames, cfg.paradigm == "ar_causal"
+    if seen is None:  # frame i sees frames max(0, i - w) .. min(frames - 1, i + w), or up to i
+        seen = sum(min(frames, i + 1 if causal else i + w + 1) - max(0, i - w) for i in range(frames))
+    attention = 4 * cfg.depth * D * seen * (L + 1) ** 2  # seen x (L + 1)^2 query-key pairs
+    return 2 * frames * ((L + 1) * per_token + L * per_patch + per_frame) + attention
 
 
 ################## The sampler (Algorithm 1, Appendix B.3, E) ###################
@@ -698,15 +708,14 @@ def guided_forward(model, state, rate_guidance=1.0, cfg_scale=1.0):
     x, cond = state.x, torch.where(ctx, state.x, 0.0)
     if (rate_guidance == 1 and cfg_scale == 1) or not state.context.any():
         return model(x, state.t, state.mask, cond)
-    two = lambda a, b: torch.cat([a, b])  # noqa: E731
-    v, log_lam = model(two(x, torch.where(ctx, 0.0, x)), two(state.t, state.t), two(state.mask, state.mask),
-                       two(cond, torch.zeros_like(cond)))
+    v, log_lam = model(torch.cat([x, torch.where(ctx, 0.0, x)]), state.t.repeat(2, 1),
+                       state.mask.repeat(2, 1), torch.cat([cond, torch.zeros_like(cond)]))
     (v_c, v_u), (log_lam_c, log_lam_u) = v.chunk(2), log_lam.chunk(2)
     return v_u + cfg_scale * (v_c - v_u), rate_guidance * log_lam_c + (1 - rate_guidance) * log_lam_u
 
 
 @torch.no_grad()
-def generate(model, num_videos, frame_shape, kappa=None, n_start=1, steps=100, sampler="poisson",
+def generate(model, num_videos, frame_shape, kappa=LinearKappa(), n_start=1, steps=100, sampler="poisson",
              max_reveal_prob=0.1, max_frames=64, generator=None, callback=None, device=None,
              dtype=torch.float32, prompt=None, rate_guidance=1.0, cfg_scale=1.0, gamma=1.0):
     """Variable-length videos (a list of Sample): Euler steps interleaved with insertions (Algorithm 1).
@@ -722,7 +731,6 @@ def generate(model, num_videos, frame_shape, kappa=None, n_start=1, steps=100, s
          Poisson(lam_j p) new frames (Appendix B.3, Eq. 34) or, 'bernoulli', one w.p. min(1, lam_j p)
          (Algorithm 1, which draws p at t_g after the update: ours is exact for the step it covers); new
          frames are N(0, I) noise with s_i = tau', t_i = 0; lam_j <= e^30, beyond any real rate."""
-    kappa = kappa or LinearKappa()
     assert sampler in ("poisson", "bernoulli"), sampler
     grid = time_grid(kappa, steps, max_reveal_prob)
     device = device if device is not None else (generator.device if generator is not None else "cpu")
@@ -743,19 +751,16 @@ def generate(model, num_videos, frame_shape, kappa=None, n_start=1, steps=100, s
         tau_g, unfinished = state.tau_g, ((state.t < 1) & state.mask).any(dim=1)  # (B,)
         if tau_g >= 1 and not unfinished.any():
             break
-        # 1. one forward pass (two with guidance)
-        v, log_lam = guided_forward(model, state, rate_guidance, cfg_scale)
+        v, log_lam = guided_forward(model, state, rate_guidance, cfg_scale)  # 1. (two with guidance)
         nfe += (unfinished | (tau_g < 1)) * (2 if guided else 1)  # evaluations until a video is done
-        # 2. flow every frame to its time at the next global time, Eq. (4)
-        tau_next = next(later) if tau_g < 1 else tau_g + 1 / steps
+        tau_next = next(later) if tau_g < 1 else tau_g + 1 / steps  # 2. flow to it, Eq. (4)
         u = (tau_next - state.insert_time).clamp(0, 1)  # (B, F) clip(tau_i) at tau_next
         u = torch.where(u > 1 - 1e-6, 1.0, u)  # float slack, so that k steps of h land on 1
         t = torch.where(state.context | ~state.mask, state.t, u**gamma)  # (B, F)              Appendix E
         dt = (t - state.t)[..., None, None, None]  # 0 for frozen frames: context, finished, padded
         x = torch.where(dt > 0, state.x + dt.to(state.x.dtype) * v, state.x)  # frozen: v ignored, even NaN
         state = replace(state, x=x, t=t, tau_g=tau_next, step=state.step + 1)
-        # 3. insertions right of every frame that may insert, while tau_g < 1 (Algorithm 1, line 9)
-        if tau_g < 1:
+        if tau_g < 1:  # 3. insertions right of every frame that may insert (Algorithm 1, line 9)
             p = float(kappa.reveal_prob(torch.tensor(tau_g), torch.tensor(tau_next)))
             lam = torch.where(state.mask & ~state.passive, log_lam.float().clamp(max=30).exp(), 0.0)  # (B, F)
             if sampler == "poisson":
@@ -844,8 +849,7 @@ def write_atomically(path, write):
             os.remove(path + ".tmp")
 
 
-# The LTX-Video VAE maps 1 + 8k frames of H x W pixels to 1 + k latent frames of 128 x H/32 x W/32.
-LTX_TEMPORAL, LTX_SPATIAL = 8, 32
+LTX_TEMPORAL, LTX_SPATIAL = 8, 32  # the LTX VAE: 1 + 8k frames of H x W px -> 1 + k of 128 x H/32 x W/32
 
 
 def save_latents(path, z, fps, vae=None):
@@ -1004,16 +1008,6 @@ def write_video(file, frames, fps):
         for frame in frames.permute(0, 2, 3, 1).contiguous().numpy():
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
-
-
-def pyplot():
-    """matplotlib.pyplot (drawing to files), or None when matplotlib is not installed."""
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return print("matplotlib is not installed: no PNGs (pip install matplotlib)")
-    plt.switch_backend("Agg")
-    return plt
 
 
 ############################ Checkpoints and devices ############################

@@ -51,8 +51,7 @@ def check_numbers(args):
     """Every number a user gives, within the bounds outside which a run is meaningless or endless."""
     bounds = {"num": (1, 1e7), "batch_size": (1, 1e6), "steps": (1, 1e4), "max_reveal_prob": (1e-3, 1),
               "rate_guidance": (0, 100), "cfg": (0, 100), "gamma": (0.01, 100), "fps": (0.1, 1000),
-              "anchors": (0, 2), "prefix": (2, 1e4), "length": (1, 1e4),
-              "max_frames": (1, 1e4)}
+              "anchors": (0, 2), "prefix": (2, 1e4), "length": (1, 1e4), "max_frames": (1, 1e4)}
     for name, (lo, hi) in bounds.items():  # anchors: what training shows
         if (value := getattr(args, name)) is not None and not lo <= value <= hi:
             raise ValueError(f"--{name.replace('_', '-')} must be in [{lo:g}, {hi:g}], got {value}")
@@ -171,8 +170,11 @@ def picture(videos, under, width, bar=None):
 
 def draw_videos(samples, path):
     """Figures 5/6: 8 videos, frames left to right, the 3 pixels stacked and a row for the insertion time."""
-    if (plt := fc.pyplot()) is None:
-        return
+    try:  # optional (requirements-optional.txt); it brings Pillow, which draws generation.gif
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print("matplotlib is not installed: no pictures (pip install matplotlib)")
+    plt.switch_backend("Agg")  # to files
     videos, cmap = samples[:8], plt.get_cmap("viridis")
     colours = [torch.tensor(cmap(s.insert_time.numpy())[:, :3]) for s in videos]  # (F_i, 3) insertion times
     img = picture([s.frames for s in videos], colours, max(len(s.frames) for s in videos))
@@ -187,13 +189,12 @@ def draw_videos(samples, path):
     fc.write_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)
     print(f"wrote {path}")
+    return True  # drawn: Pillow is there for generation.gif
 
 
 def draw_generation(model, args, cfg, path, n=4):
     """generation.gif: n videos as generate makes them, a picture per step: a black bar as long as tau_g (up
     to 2), then each video's frames, 3 pixels and, under them, their time t (black: noise, white: clean)."""
-    if fc.pyplot() is None:  # Pillow comes with matplotlib
-        return
     from PIL import Image
 
     states = []  # the sampler's state after every step
@@ -241,8 +242,7 @@ def main(argv=None):
         vae = latent_vae(args) if cfg.data != "toy" else None  # fail before sampling
         t0 = time.time()
         samples = generate_all(model, args, cfg, frames, lengths)
-        lengths = torch.tensor([len(s.frames) for s in samples])
-        nfe = torch.tensor([s.nfe for s in samples])
+        lengths, nfe = torch.tensor([len(s.frames) for s in samples]), torch.tensor([s.nfe for s in samples])
         print(f"{label}: {args.num} videos, task {args.task}, {cfg.paradigm}, {args.sampler}, {args.steps} steps, "
               f"max_reveal_prob {args.max_reveal_prob}, guidance {args.rate_guidance}/{args.cfg}, gamma "
               f"{args.gamma} | NFE per video {nfe.float().mean():.0f}, {time.time() - t0:.0f} s")
@@ -251,8 +251,7 @@ def main(argv=None):
                   "source_lengths": source_lengths}
         fc.write_atomically(os.path.join(out, "samples.pt"), lambda f: torch.save(result, f))
         for i, s in enumerate(tqdm(samples, desc="decoding") if vae else []):  # latents: one clip at a time
-            pixels = fc.decode_latents(vae, s.frames)
-            video = ((pixels + 1) * 127.5).round().to(torch.uint8)
+            video = ((fc.decode_latents(vae, s.frames) + 1) * 127.5).round().to(torch.uint8)
             path = os.path.join(out, "videos", f"sample_{i:04d}.mp4")
             fc.write_atomically(path, lambda f: fc.write_video(f, video, args.fps))
         if vae:
@@ -266,8 +265,8 @@ def main(argv=None):
         content = " | ".join(f"{k} {q[k]:.3g} ({q['data'][k]:.3g})" for k in q["data"])  # toy_data.summary
         print(f"content (data): {content} | FD {q['fd']:.3g} (data vs data {q['fd_floor']:.3g})")
         fc.write_atomically(os.path.join(out, "samples.pt"), lambda f: torch.save(result, f))
-        draw_videos(samples, os.path.join(out, "videos.png"))
-        if cfg.paradigm == "flowception" and args.task == "uncond":
+        drawn = draw_videos(samples, os.path.join(out, "videos.png"))  # None without matplotlib
+        if drawn and cfg.paradigm == "flowception" and args.task == "uncond":
             draw_generation(model, args, cfg, os.path.join(out, "generation.gif"))
     except (ValueError, OSError, ImportError) as e:  # a user's error, a missing package too: one line
         sys.exit(f"error: {e}")

@@ -1139,26 +1139,6 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys):
     assert "cannot resume with a different model shape or seed: seed" in code  # ignored before: the ckpt's
 
 
-def forward_flops(cfg, frames, seen=None):
-    """The FLOP count of the tests and the README's cost claims: the matmul FLOPs of one forward pass over ONE
-    video of `frames` real frames, as torchtitan and nanoGPT count: 2 per parameter per token it touches
-    (blocks: every token; patch embedding and velocity head: patch tokens; adaLN, embeddings, rate head: once
-    per frame), plus 4 D per query-key pair per block. seen: the frames the query frames see, summed over
-    them (None: every frame sees its video, or +-window). Training is 3x this (forward and backward)."""
-    D, C, (ph, pw) = cfg.dim, cfg.channels, cfg.patch
-    L = (cfg.height // ph) * (cfg.width // pw)  # patch tokens per frame; L + 1 with the rate token
-    hidden = int(D * cfg.mlp_ratio)
-    per_token = cfg.depth * (4 * D * D + 2 * D * hidden)  # qkv, projection, MLP
-    per_patch = 2 * C * ph * pw * D + D * C * ph * pw  # patch embedding (2C channels in), velocity head
-    embedders = (256 * D + D * D) * (1 + cfg.count_embedding)  # time (and count) embedding
-    per_frame = embedders + cfg.depth * 6 * D * D + 2 * D * D + (D * D + D)  # adaLN, final adaLN, rate head
-    w = cfg.window or frames
-    if seen is None:
-        seen = sum(min(frames, i + w + 1) - max(0, i - w) for i in range(frames))
-    pairs = seen * (L + 1) ** 2  # query-key pairs
-    return 2 * frames * ((L + 1) * per_token + L * per_patch + per_frame) + 4 * cfg.depth * D * pairs
-
-
 @pytest.mark.parametrize("count_embedding", [True, False])
 @pytest.mark.parametrize("frames", [1, 5])
 def test_forward_flops_match_the_flop_counter(frames, count_embedding):
@@ -1173,9 +1153,44 @@ def test_forward_flops_match_the_flop_counter(frames, count_embedding):
         model(x, torch.rand(1, frames), torch.ones(1, frames, dtype=torch.bool), torch.zeros_like(x))
     L1 = (cfg.height // cfg.patch[0]) * (cfg.width // cfg.patch[1]) + 1
     attention = 4 * cfg.depth * cfg.dim * (frames * L1) ** 2
-    assert counter.get_total_flops() + attention == forward_flops(cfg, frames)
-    windowed = forward_flops(fc.Config(**{**vars(cfg), "window": 1}), frames)
-    assert windowed == forward_flops(cfg, frames) - 4 * cfg.depth * cfg.dim * L1**2 * max(frames - 2, 0) * (frames - 1)
+    assert counter.get_total_flops() + attention == fc.forward_flops(cfg, frames)
+    windowed = fc.forward_flops(fc.Config(**{**vars(cfg), "window": 1}), frames)
+    assert windowed == fc.forward_flops(cfg, frames) - 4 * cfg.depth * cfg.dim * L1**2 * max(frames - 2, 0) * (frames - 1)
+
+
+def test_forward_flops_counted_by_hand():
+    """The MFU's count (train.py's log) on a config small enough to count on paper: D = 8, one block, MLP
+    width 32, the toy's 3 x 1 x 3 frames as one patch (L = 1 patch token, plus the rate token), 2 frames.
+    Multiply-adds per block and token: qkv 8 x 24, projection 8 x 8, MLP 8 x 32 + 32 x 8: 768, on 4 tokens.
+    Per patch token: embedding 18 x 8 (two streams of 9 values), velocity head 8 x 9: 216, on 2 of them. Per
+    frame: time and count embedders 2 x (256 x 8 + 8 x 8), adaLN 8 x 48, final adaLN 8 x 16, rate head 8 x 8
+    + 8 x 1: 4,808, on 2 frames. Attention: 4 tokens see 4 (16 pairs), 4 D = 32 FLOPs a pair."""
+    cfg = fc.Config(dim=8, depth=1, heads=2, mlp_ratio=4.0)
+    assert fc.forward_flops(cfg, 2) == 2 * (4 * 768 + 2 * 216 + 2 * 4808) + 16 * 32  # 26,752
+    # causal by frame: frame 0 sees 1 frame, frame 1 sees 2 (12 pairs); a window of 1 in 4 frames: 2 + 3 + 3 + 2
+    assert fc.forward_flops(fc.Config(**{**vars(cfg), "paradigm": "ar_causal"}), 2) == 26_752 - 4 * 32
+    windowed = fc.forward_flops(fc.Config(**{**vars(cfg), "window": 1}), 4)
+    assert windowed == 2 * (8 * 768 + 4 * 216 + 4 * 4808) + 10 * 4 * 32
+
+
+def test_the_log_counts_the_tokens_and_the_useful_flops_it_trained_on(tmp_path, capsys):
+    """Each log line's tokens/s over its videos/s is the tokens per video of that step's batch: its visible
+    frames (replayed from the seeded data stream) times L + 1 tokens a frame; its MFU is tokens/s times that
+    batch's forward_flops x 3 per token over the peak (--peak-tflops; on the CPU the line shows none without)."""
+    train.main(QUICK + ["--out", str(tmp_path / "a"), "--ckpt-every", "0"])
+    assert "MFU" not in capsys.readouterr().out
+    train.main(QUICK + ["--out", str(tmp_path / "b"), "--ckpt-every", "0", "--peak-tflops", "0.01"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    cfg, rng = fc.Config(**{**vars(fc.PRESETS["toy"]), "dim": 16, "depth": 1, "heads": 2, "batch_size": 4}), gen(0)
+    number = lambda line, unit: float(line.split(" " + unit)[0].split(" ")[-1].replace(",", ""))  # noqa: E731
+    for line in lines:
+        frames = train.global_batch(cfg, fc.LinearKappa(), rng).mask.sum(dim=1).tolist()
+        flops = 3 * sum(fc.forward_flops(cfg, n) for n in frames)
+        tokens_per_s = number(line, "tokens/s")
+        assert tokens_per_s / number(line, "videos/s") == pytest.approx(2 * sum(frames) / 4, rel=0.01)
+        mfu = float(line.split("MFU ")[1].split("%")[0]) / 100
+        assert mfu == pytest.approx(tokens_per_s * flops / (2 * sum(frames)) / 1e10, rel=0.02)
+    assert len(lines) == 4
 
 
 #################################################################################
@@ -1268,7 +1283,7 @@ def test_activation_checkpointing_recomputes_and_changes_nothing():
 #                     The toy, trained: lengths are reproduced                  #
 #################################################################################
 
-TOY_STEPS = 1500  # about 1.5 min on 2 CPU cores (the README run takes 4,000)
+TOY_STEPS = 1500  # about 1.5 min on 2 CPU cores (the quickstart takes 6,000)
 # Measured at 1500 steps with 256 videos: within +-1 91.8%, binned TV 0.063 (88% and 0.107 before the RoPE
 # of the frame axis changed). The within-1 fraction has a standard deviation of 0.02 and the binned TV a
 # sampling noise of about 0.05.
@@ -1343,8 +1358,12 @@ def test_short_toy_training_reproduces_the_length_histogram(tmp_path, capsys):
     assert q["closes"] >= 0.168 - 4 * math.sqrt(0.168 * 0.832 / len(roughness))
 
 
-TASK_STEPS = 1500  # toy_tasks at 30% of its steps; measured numbers in the comments below
-# Each task's numbers at TASK_STEPS (the README's are at 5,000), 128 videos (issue 18), measured: the mean over
+TASK_STEPS = 1500  # toy_tasks' task mix on 2 cores: TASK_SMALL, measured numbers in the comments below
+# The 0.35M DiT of the earlier toy_tasks (32 videos a step, packed) keeps this test at its minute and a half:
+# the preset's 9.9M at 512 videos a step trains for hours on 2 cores.
+TASK_SMALL = ["--dim", "64", "--depth", "4", "--heads", "4", "--batch-size", "32", "--pack", "30", "--lr", "2e-3",
+              "--tasks", "uncond:1,i2v:1,interp:1,extend:1", "--cond-dropout", "0.1"]
+# Each task's numbers at TASK_STEPS (the README's: the 9.9M preset), 128 videos (issue 18), measured: the mean over
 # videos of within +-1 of the source video's length, the turn closing, one clean jump, roughness and NFE.
 # The test allows 4 standard errors of a 128-video mean (the sampling noise; training is seeded).
 TASK_NUMBERS = {  # 2026-12-03, torch 2.13 on CPU
@@ -1372,7 +1391,7 @@ def test_short_task_training_gives_i2v_interp_and_a_baseline(tmp_path, capsys):
     """image-to-video continues its frame, interpolation keeps its anchors and the length law, every task's
     numbers stay where they were measured (TASK_NUMBERS), and the full-sequence baseline trains and samples
     at the given length."""
-    train.main(["--preset", "toy_tasks", "--steps", str(TASK_STEPS), "--out", str(tmp_path), "--log-every", "500"])
+    train.main(["--preset", "toy_tasks", *TASK_SMALL, "--steps", str(TASK_STEPS), "--out", str(tmp_path), "--log-every", "500"])
 
     def run(*args):
         sample.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--num", "128", "--out", str(tmp_path / "s"), *args])
@@ -1400,7 +1419,8 @@ def test_short_task_training_gives_i2v_interp_and_a_baseline(tmp_path, capsys):
             mean, se = numbers[name][key]
             assert abs(mean - value) <= 4 * max(se, 1 / 128), (name, key, mean, value, se)
     capsys.readouterr()
-    train.main(["--preset", "toy_tasks", "--paradigm", "full_sequence", "--steps", "200", "--out", str(tmp_path / "full"), "--log-every", "100"])
+    train.main(["--preset", "toy_tasks", *TASK_SMALL, "--paradigm", "full_sequence", "--steps", "200", "--out", str(tmp_path / "full"),
+                "--log-every", "100"])
     losses = [float(line.split("velocity ")[1].split()[0]) for line in capsys.readouterr().out.splitlines() if "velocity " in line]
     assert len(losses) == 2 and losses[1] < 0.8 * losses[0]  # it learns (measured: 0.96 -> 0.53)
     sample.main(["--ckpt", str(tmp_path / "full" / "ckpt.pt"), "--num", "64", "--task", "i2v", "--out", str(tmp_path / "f")])
@@ -1599,8 +1619,8 @@ class FlopCounter:
         for n in mask.sum(dim=1).tolist():
             causal = self.cfg.paradigm == "ar_causal"
             seen = n * (cache.frames + 1) if cache is not None else n * (n + 1) // 2 if causal else None
-            self.flops += forward_flops(self.cfg, n, seen)
-            self.attention += forward_flops(self.cfg, n, seen) - forward_flops(self.cfg, n, 0)
+            self.flops += fc.forward_flops(self.cfg, n, seen)
+            self.attention += fc.forward_flops(self.cfg, n, seen) - fc.forward_flops(self.cfg, n, 0)
         return self.model(x_t, t, mask, cond, *rest)
 
 
@@ -1649,7 +1669,7 @@ def test_training_flops_are_most_of_the_baselines_not_a_third():
     for full in (False, True):
         c = fc.Config(**{**vars(cfg), "paradigm": "full_sequence" if full else "flowception"})
         batch = train.global_batch(c, fc.KAPPAS[c.kappa](), gen(0))
-        flops.append(3 * sum(forward_flops(c, n) for n in batch.mask.sum(dim=1).tolist()))  # forward + backward
+        flops.append(3 * sum(fc.forward_flops(c, n) for n in batch.mask.sum(dim=1).tolist()))  # forward + backward
     assert 0.75 < flops[0] / flops[1] < 0.9
 
 

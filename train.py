@@ -49,6 +49,7 @@ def parse_args(argv=None):
     arg("--pack", type=int, metavar="FRAMES", help="rows of FRAMES frames, several videos each (0: pad)")
     arg("--checkpointing", action=flag, help="activation checkpointing: recompute each block in backward")
     arg("--fsdp", action=flag, help="shard parameters, gradients, optimizer state and EMA per block (FSDP2)")
+    arg("--peak-tflops", type=float, help="the GPU's dense bf16 TFLOP/s, for the log's MFU (default: PEAK's)")
     arg("--lr", type=float, help="peak learning rate (AdamW)")
     arg("--warmup", type=int, help="linear warm-up steps, then cosine decay to lr / 10")
     arg("--seed", type=int, help="seed of the init and of the data stream")
@@ -76,8 +77,7 @@ def parse_args(argv=None):
 def make_config(args, base=None):
     """The preset (or a resumed run's config) with every flag given applied; fc.Config checks the values."""
     base = base or fc.PRESETS[args.preset]
-    names = [f.name for f in dataclasses.fields(fc.Config)]
-    given = {k: v for k in names if (v := getattr(args, k, None)) is not None}
+    given = {k: v for k in vars(base) if (v := getattr(args, k, None)) is not None}  # the flags given
     shape = ("channels", "height", "width", "patch", "dim", "depth", "heads", "mlp_ratio", "count_embedding")
     changed = [k for k in (*shape, "seed") if k in given and given[k] != getattr(base, k)]
     if args.resume and changed:  # the seed: a resumed run's weights and data stream are the checkpoint's
@@ -125,6 +125,9 @@ def lr_at(step, cfg):
 def update_ema(ema, model, decay):
     for e, p in zip(ema.parameters(), model.parameters(), strict=True):
         e.lerp_(p, 1 - decay)
+
+
+PEAK = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312, "B200": 2250}  # bf16 TFLOP/s, datasheets
 
 
 FULL = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on the CPU, however sharded
@@ -188,8 +191,7 @@ def encode_videos(src, out, vae_name, device, cfg):
             failed += 1
             tqdm.write(f"skipped: {e}" if isinstance(e, ValueError) else f"skipped: {path} ({fc.why(e)})")
             continue
-        dest = os.path.join(out, os.path.relpath(path, src) + ".pt")  # a.mp4 and a.mov: two files
-        fc.save_latents(dest, z, fps, identity)  # in its sub-folder, made if need be
+        fc.save_latents(os.path.join(out, os.path.relpath(path, src) + ".pt"), z, fps, identity)  # a.mp4.pt
     if failed == len(videos):
         raise ValueError(f"none of the {failed} videos in {src} could be encoded (reasons above)")
     print(f"encoded {len(videos) - failed} of {len(videos)} videos into {out} ({failed} skipped), "
@@ -202,7 +204,6 @@ def global_batch(cfg, kappa, data_rng, clips=None):
     B, F = cfg.batch_size, cfg.max_frames
     if cfg.data == "toy":
         x_1, lengths = toy_data.sample_toy_videos(B, data_rng)
-        x_1 = x_1[:, : int(lengths.max())]
     elif clips:  # latent clips, drawn with replacement, zero-padded
         chosen = [clips[i] for i in torch.randint(len(clips), (B,), generator=data_rng).tolist()]
         x_1, lengths = pad_sequence(chosen, batch_first=True), torch.tensor([len(c) for c in chosen])
@@ -213,8 +214,8 @@ def global_batch(cfg, kappa, data_rng, clips=None):
     context, passive = fc.sample_context(lengths, cfg.tasks, data_rng)
     if cfg.paradigm.startswith("ar"):  # Appendix C.1: j frames given, j uniform on 0..n-1, then frame j
         lengths = 1 + (torch.rand(B, generator=data_rng) * lengths).long()  # the clip cut after it
-        x_1 = x_1[:, : int(lengths.max())]
-        context = passive = torch.arange(x_1.shape[1]) < lengths[:, None] - 1
+        context = passive = torch.arange(int(lengths.max())) < lengths[:, None] - 1
+    x_1 = x_1[:, : int(lengths.max())]  # to the longest video (the toy's come padded to 30 frames)
     if cfg.paradigm == "flowception":
         state = fc.sample_training_state(lengths, kappa, cfg.n_start, None, data_rng, cfg.tau_density,
                                          context, passive, cfg.gamma)
@@ -316,8 +317,7 @@ def train(args):
 def run(args, cfg, resumed, device, out):
     """Build the model (and resume it), then train: the numbered steps of the loop."""
     ckpt_path, ckpt = os.path.join(out, "ckpt.pt"), resumed.pop() if resumed else None
-    latents = cfg.data not in ("toy", "synthetic")
-    clips, data_info = fc.load_latent_folder(cfg.data, cfg) if latents else ([], {})
+    clips, data_info = ([], {}) if cfg.data in ("toy", "synthetic") else fc.load_latent_folder(cfg.data, cfg)
     if rank == 0:  # the effective config, for the record
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump({"preset": args.preset, **dataclasses.asdict(cfg), "data_info": data_info}, f, indent=1)
@@ -352,11 +352,18 @@ def run(args, cfg, resumed, device, out):
     print0(f"preset {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
            f"{cfg.steps} steps of {cfg.batch_size} videos on {world_size} x {device.type} ({parallel}, "
            f"{cfg.grad_accum} micro-batches{', activation checkpointing' if cfg.checkpointing else ''})")
+    name = torch.cuda.get_device_name(device) if bf16 else ""
+    peak = 1e12 * (args.peak_tflops or next((v for k, v in PEAK.items() if k in name), 0))
+    if bf16 and not peak:
+        print0(f"{name}: peak unknown, the log shows no MFU (--peak-tflops gives it)")
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0, dynamic_ncols=True)
-    t_log, sums, n_logged = time.time(), torch.zeros(3, dtype=torch.float64), 0
+    t_log, sums, n_logged, tokens, flops = time.time(), torch.zeros(3, dtype=torch.float64), 0, 0, 0
+    L1 = (cfg.height // cfg.patch[0]) * (cfg.width // cfg.patch[1]) + 1  # tokens per frame, rate token too
     for step in bar:
         # 1. the global batch: clean videos, tasks, the training state, noised and stripped (Algorithm 2)
         batch = global_batch(cfg, kappa, data_rng, clips)
+        frames = batch.mask.sum(dim=1).tolist()  # each video's (one a row before packing): the useful work
+        tokens, flops = tokens + L1 * sum(frames), flops + 3 * sum(fc.forward_flops(cfg, n) for n in frames)
         # 2. this process's share of the losses and gradients (Eqs. 11, 12)
         opt.zero_grad(set_to_none=True)
         losses = forward_backward(net, model, batch, cfg, device, autocast)
@@ -384,9 +391,11 @@ def run(args, cfg, resumed, device, out):
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
             seconds, (velocity, rate, grad_norm) = time.time() - t_log, (sums / n_logged).tolist()
             memory = f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if bf16 else ""
+            mfu = f" | MFU {flops / seconds / world_size / peak:.1%}" if peak else ""  # per GPU
             bar.write(f"step {done:6d} | velocity {velocity:.4f} | rate {rate:.4f} | grad norm {grad_norm:.3f}"
-                      f" | lr {lr:.2e} | {n_logged * cfg.batch_size / seconds:.1f} videos/s{memory}")
-            t_log, sums, n_logged = time.time(), torch.zeros(3, dtype=torch.float64), 0
+                      f" | lr {lr:.2e} | {n_logged * cfg.batch_size / seconds:.1f} videos/s | "
+                      f"{tokens / seconds:,.0f} tokens/s{mfu}{memory}")
+            t_log, sums, n_logged, tokens, flops = time.time(), torch.zeros(3, dtype=torch.float64), 0, 0, 0
         if cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == cfg.steps):
             save_checkpoint(ckpt_path, model, ema, opt, done, cfg, args.preset, data_rng, data_info)
     print0(f"saved {ckpt_path}; sample it with: python sample.py --ckpt {ckpt_path}" if cfg.ckpt_every
