@@ -228,7 +228,7 @@ def sample_training_state(lengths, kappa=LinearKappa(), n_start=1, tau_g=None, g
     """Algorithm 2: the extended-time state of videos of these lengths (B,) at tau_g (None: drawn from
     tau_density; or a float or (B,) tensor). Start frames (s_i = 0): frame 0 (nothing is inserted left of it)
     and n_start - 1 uniform others; with context (B, F), which begins a video, one uniform among the free
-    frames before more context: the model's clock (t = tau_g), where make_prompt puts it. Rows with no active
+    frames before more context: the model's clock (t = tau_g), where make_start puts it. Rows with no active
     frame, never visited by the sampler, redraw s (and tau_g unless fixed); the paper's tau_g ~ U(0, max_i
     s_i + 1) instead tilts the law of s by 1 / (max_i s_i + 1) (tested)."""
     lengths = torch.as_tensor(lengths, dtype=torch.long)
@@ -237,7 +237,7 @@ def sample_training_state(lengths, kappa=LinearKappa(), n_start=1, tau_g=None, g
     context, passive = (valid & (p if p is not None else torch.zeros_like(valid)) for p in (context, passive))
     free = valid & ~context  # the frames the model generates
     has_context = context.any(dim=1)  # (B,)
-    assert (context[:, 0] | ~has_context).all(), "context begins a video (sample_context, make_prompt)"
+    assert (context[:, 0] | ~has_context).all(), "context begins a video (sample_context, make_start)"
     assert (lengths >= n_start).all(), f"videos shorter than n_start={n_start}"
     first_gap = free & ((context & (free.cumsum(dim=1) > 0)).cumsum(dim=1) == 0)  # free, before more context
     may_start = torch.where(has_context[:, None], first_gap, free)
@@ -593,7 +593,7 @@ def forward_flops(cfg, frames, seen=None):
 
 
 @dataclass
-class Prompt:
+class Start:
     """What generation starts from, in order: clean context frames and noise start frames (Figure 4)."""
 
     frames: torch.Tensor  # (B, F0, C, H, W) the values of start frames are ignored (drawn as noise)
@@ -601,8 +601,8 @@ class Prompt:
     passive: torch.Tensor  # (B, F0) bool, context frames that may not insert to their right
 
 
-def make_prompt(task, frames, n_start=1):
-    """A task's prompt from its context frames (B, A, C, H, W) and n_start start frames (> 1: the baseline),
+def make_start(task, frames, n_start=1):
+    """A task's start from its context frames (B, A, C, H, W) and n_start start frames (> 1: the baseline),
     placed where sample_training_state puts its start frame. i2v: the frame (active), start. interp: the
     first anchor, start, the middle anchors (active), the last (passive); the gaps' sizes are the model's.
     extend: the clip (passive but its last frame), start."""
@@ -616,7 +616,7 @@ def make_prompt(task, frames, n_start=1):
     i = torch.arange(A + n_start, device=frames.device)
     context = (i < at) | (i >= at + n_start)
     passive = torch.tensor(passive[:at] + [False] * n_start + passive[at:], device=frames.device)
-    return Prompt(frames=frames, context=context.expand(B, -1).clone(), passive=passive.expand(B, -1).clone())
+    return Start(frames=frames, context=context.expand(B, -1).clone(), passive=passive.expand(B, -1).clone())
 
 
 def time_grid(kappa, steps, max_reveal_prob=0.1, floor=1e-4):
@@ -671,7 +671,7 @@ class Sample:
     insert_time: torch.Tensor  # (F_i,)
     nfe: int  # model evaluations until this video was done (two per step with guidance)
     refused: int  # insertions refused by the max_frames cap
-    context: torch.Tensor = None  # (F_i,) bool, the prompt's context frames
+    context: torch.Tensor = None  # (F_i,) bool, the start's context frames
 
 
 def insert_frames(state, n_new, tau_g, max_frames, generator=None):
@@ -717,11 +717,11 @@ def guided_forward(model, state, rate_guidance=1.0, cfg_scale=1.0):
 @torch.no_grad()
 def generate(model, num_videos, frame_shape, kappa=LinearKappa(), n_start=1, steps=100, sampler="poisson",
              max_reveal_prob=0.1, max_frames=64, generator=None, callback=None, device=None,
-             dtype=torch.float32, prompt=None, rate_guidance=1.0, cfg_scale=1.0, gamma=1.0):
+             dtype=torch.float32, start=None, rate_guidance=1.0, cfg_scale=1.0, gamma=1.0):
     """Variable-length videos (a list of Sample): Euler steps interleaved with insertions (Algorithm 1).
 
-    model: any callable model(x_t, t, mask, cond) -> (v, log_lam). prompt: the context and start frames to
-    begin from (make_prompt); None: n_start start frames. The global time tau_g walks time_grid to 1
+    model: any callable model(x_t, t, mask, cond) -> (v, log_lam). start: the context and start frames to
+    begin from (make_start); None: n_start start frames. The global time tau_g walks time_grid to 1
     (max_reveal_prob = 1: Algorithm 1's uniform steps), then steps of h = 1 / steps until every frame is
     clean. Each step, from tau_g to the next time tau', for every video at once:
       1. one forward pass -> v, log lam (two with guidance: rate_guidance w, Eq. 13; cfg_scale s);
@@ -735,14 +735,14 @@ def generate(model, num_videos, frame_shape, kappa=LinearKappa(), n_start=1, ste
     grid = time_grid(kappa, steps, max_reveal_prob)
     device = device if device is not None else (generator.device if generator is not None else "cpu")
     B = num_videos
-    if prompt is None:  # unconditional: n_start start frames
+    if start is None:  # unconditional: n_start start frames
         none = torch.zeros(B, n_start, dtype=torch.bool)
-        prompt = Prompt(frames=torch.zeros(B, n_start, *frame_shape), context=none, passive=none)
-    ctx = prompt.context.to(device)  # (B, F0)
+        start = Start(frames=torch.zeros(B, n_start, *frame_shape), context=none, passive=none)
+    ctx = start.context.to(device)  # (B, F0)
     noise = torch.randn((B, ctx.shape[1], *frame_shape), generator=generator, device=device, dtype=dtype)
-    x = torch.where(ctx[..., None, None, None], prompt.frames.to(device, dtype), noise)  # (B, F0, C, H, W)
+    x = torch.where(ctx[..., None, None, None], start.frames.to(device, dtype), noise)  # (B, F0, C, H, W)
     state = SamplerState(x=x, t=ctx.float(), mask=torch.ones_like(ctx), context=ctx,
-                         passive=prompt.passive.to(device), insert_time=torch.zeros(ctx.shape, device=device),
+                         passive=start.passive.to(device), insert_time=torch.zeros(ctx.shape, device=device),
                          tau_g=0.0, step=0, refused=torch.zeros(B, dtype=torch.long, device=device))
     guided = bool(ctx.any()) and (cfg_scale != 1 or rate_guidance != 1)
     nfe = torch.zeros(B, dtype=torch.long, device=device)
@@ -804,7 +804,7 @@ class KVCache:
 def generate_ar(model, context, length, cache=None, **kwargs):
     """The AR baselines (Section 4.1): one frame after another up to `length`, each flowed from noise in
     exactly `steps` Euler steps (generate's kwargs) with every earlier frame as clean context (an extend
-    prompt). context (B, A, C, H, W): the given frames, A >= 0. cache: an empty KVCache, for an ar_causal
+    start). context (B, A, C, H, W): the given frames, A >= 0. cache: an empty KVCache, for an ar_causal
     model: each evaluation then runs the new frame alone, O(j L^2) at frame j. -> (B, length, ...), NFE."""
     frames, nfe, B = context, 0, len(context)
 
@@ -820,7 +820,7 @@ def generate_ar(model, context, length, cache=None, **kwargs):
             new_frame(frames[:, : i + 1], ones, ones.bool(), frames[:, : i + 1])
             cache.keep, cache.frames = False, i + 1
         out = generate(never_inserts(model if cache is None else new_frame), B, frames.shape[2:],
-                       prompt=make_prompt("extend", frames) if j else None, max_reveal_prob=1.0, **kwargs)
+                       start=make_start("extend", frames) if j else None, max_reveal_prob=1.0, **kwargs)
         frames = torch.cat([frames, torch.stack([s.frames[-1] for s in out])[:, None]], dim=1)
         nfe += out[0].nfe
     return frames, nfe

@@ -134,8 +134,8 @@ def generate_all(model, args, cfg, frames, lengths=None):
             out = [fc.Sample(v, torch.zeros(n), nfe, 0, torch.arange(n) < A) for v in videos]
         else:  # Flowception with n start frames, or the full-sequence baseline's n frames
             net, n_start = (model, n) if lengths is None else (fc.never_inserts(model), n - A)
-            prompt = None if frames is None else fc.make_prompt(args.task, context, n_start)
-            out = fc.generate(net, len(rows), shape, n_start=n_start, prompt=prompt, **kwargs)
+            start = None if frames is None else fc.make_start(args.task, context, n_start)
+            out = fc.generate(net, len(rows), shape, n_start=n_start, start=start, **kwargs)
         for i, s in zip(rows.tolist(), out):
             samples[i] = fc.Sample(s.frames.cpu(), s.insert_time.cpu(), s.nfe, s.refused, s.context.cpu())
     return samples

@@ -284,10 +284,10 @@ class PosteriorMeanOracle:
     """The exact rate for videos whose frames carry no information: lam_j = E[K_j | m visible, tau_g].
 
     For a known length law P(n), a state with m visible frames at tau_g < 1, f of which were there from
-    the start (n_start; or the prompt's n_context context frames and its start frame), has
+    the start (n_start; or the start's n_context context frames and its start frame), has
     P(n | m, tau_g) ∝ P(n) Binom(m - f; n - f, kappa(tau_g)). The n - m pending frames are a uniform
     subset, spread exchangeably over the m - n_passive slots that may insert, so E[K_j | m, tau_g] =
-    E[(n - m) / (m - n_passive) | m, tau_g]: true without context and for prompts whose context all
+    E[(n - m) / (m - n_passive) | m, tau_g]: true without context and for starts whose context all
     comes first (i2v, extend). tau_g is read off the input as the largest frame time below 1 (the start
     frame's, tau_g^gamma for a model trained with gamma). The velocity is 0: the best any model that only
     counts frames can do, and the rate against which the sampler is checked.
@@ -573,12 +573,12 @@ def test_context_frames_in_both_streams_and_dropout():
 
 def test_passive_frames_never_insert_and_active_ones_do():
     anchors = torch.randn(200, 4, 1, 1, 1, generator=gen(0))
-    prompt = fc.make_prompt("interp", anchors)  # a0, start, a1, a2 (active), a3 (passive)
-    assert prompt.context[0].tolist() == [True, False, True, True, True]
-    assert prompt.passive[0].tolist() == [False, False, False, False, True]
+    start = fc.make_start("interp", anchors)  # a0, start, a1, a2 (active), a3 (passive)
+    assert start.context[0].tolist() == [True, False, True, True, True]
+    assert start.passive[0].tolist() == [False, False, False, False, True]
     # rate 1 on context slots (t = 1 while t_g < 1), none elsewhere: only context frames could insert
     ctx_only = lambda x, t, mask, cond: (torch.zeros_like(x), torch.where(t == 1, 0.0, -30.0))  # noqa: E731
-    out = fc.generate(ctx_only, 200, (1, 1, 1), steps=10, prompt=prompt, max_frames=400, generator=gen(1))
+    out = fc.generate(ctx_only, 200, (1, 1, 1), steps=10, start=start, max_frames=400, generator=gen(1))
     gaps = []
     for s, a in zip(out, anchors):
         assert s.refused == 0
@@ -591,20 +591,20 @@ def test_passive_frames_never_insert_and_active_ones_do():
     # lam = 1: on the capped grid a slot inserts Poisson(sum of reveal probabilities > 9) frames, so an
     # active anchor's gap is empty with probability < e^-9: all of them insert
     assert (gaps[:, 1:] >= 1).all()
-    clip = fc.make_prompt("extend", anchors)  # passive, passive, passive, active, start
-    for s in fc.generate(ctx_only, 200, (1, 1, 1), steps=10, prompt=clip, max_frames=400, generator=gen(2)):
+    clip = fc.make_start("extend", anchors)  # passive, passive, passive, active, start
+    for s in fc.generate(ctx_only, 200, (1, 1, 1), steps=10, start=clip, max_frames=400, generator=gen(2)):
         assert s.context[:4].all() and not s.context[4:].any() and s.refused == 0  # the clip stays contiguous
         assert s.frames.shape[0] > 5  # the active last frame of the clip and the start frame insert
 
 
 @pytest.mark.parametrize("task, A", [("i2v", 1), ("extend", 3)])
-def test_oracle_with_a_prompt_reproduces_the_length_law(task, A):
-    """Training law and sampler agree for prompts too: with the exact rate of the context law (context
+def test_oracle_with_context_reproduces_the_length_law(task, A):
+    """Training law and sampler agree for context too: with the exact rate of the context law (context
     first, one start frame), generated lengths follow P(n)."""
     P, N = _law(([8, 12, 16], [1, 2, 1]), 20), 3000
     oracle = PosteriorMeanOracle(P, n_context=A, n_passive=A - 1 if task == "extend" else 0)
-    prompt = fc.make_prompt(task, torch.zeros(N, A, 1, 1, 1))
-    out = fc.generate(oracle, N, (1, 1, 1), steps=50, prompt=prompt, generator=gen(0))
+    start = fc.make_start(task, torch.zeros(N, A, 1, 1, 1))
+    out = fc.generate(oracle, N, (1, 1, 1), steps=50, start=start, generator=gen(0))
     assert tv(histogram(_lengths(out), 20), P) <= 4 * tv_noise(P, N) + 0.03  # + the grid's own error (SPEC 7)
 
 
@@ -627,7 +627,7 @@ def test_guidance_formulas():
     reveal = fc.LinearKappa().reveal_prob(grid[:-1], grid[1:]).sum().item()  # expected insertions per unit rate
     for w in (0.0, 1.0, 2.0, 5.0):
         seen.clear()
-        out = fc.generate(model, 400, (1, 1, 1), steps=8, prompt=fc.make_prompt("i2v", frames), rate_guidance=w,
+        out = fc.generate(model, 400, (1, 1, 1), steps=8, start=fc.make_start("i2v", frames), rate_guidance=w,
                           max_frames=1000, generator=gen(0))
         if w == 1:
             assert all(all(s) for s in seen) and out[0].nfe == len(seen)  # no unconditional pass
@@ -636,7 +636,7 @@ def test_guidance_formulas():
         assert abs(_lengths(out).double().mean().item() - 2 - mean_new) <= 5 * math.sqrt(mean_new / 400), w
     for s_cfg in (0.0, 1.0, 3.0):
         seen.clear()
-        out = fc.generate(model, 400, (1, 1, 1), steps=8, prompt=fc.make_prompt("i2v", frames), cfg_scale=s_cfg, generator=gen(1))
+        out = fc.generate(model, 400, (1, 1, 1), steps=8, start=fc.make_start("i2v", frames), cfg_scale=s_cfg, generator=gen(1))
         gen_frames = torch.cat([s.frames[~s.context] for s in out]).flatten()
         # x_1 = x_0 + integral of v over t in [0, 1], v = v_u + s (v_c - v_u) = 2 s - 1, x_0 ~ N(0, 1)
         assert abs(gen_frames.mean().item() - (2 * s_cfg - 1)) <= 5 / math.sqrt(len(gen_frames))
@@ -710,9 +710,9 @@ def test_full_sequence_baseline_samples_every_frame_in_steps():
         assert _lengths(out).tolist() == [n] * 3 and all((s.insert_time == 0).all() for s in out)  # no insertion
         assert len(calls) == 20 and all(s.nfe == 20 for s in out)  # exactly `steps` evaluations
         assert all(((s.frames - 2.0).abs().flatten() < 4).all() for s in out)  # x_0 + 2: moved by exactly 1 in t
-    prompt = fc.make_prompt("i2v", torch.zeros(2, 1, 1, 1, 1), n_start=6)  # context, then 6 start frames
-    assert prompt.context[0].tolist() == [True] + [False] * 6
-    out = fc.generate(fc.never_inserts(model), 2, (1, 1, 1), prompt=prompt, steps=20, max_reveal_prob=1.0, generator=gen(0))
+    start = fc.make_start("i2v", torch.zeros(2, 1, 1, 1, 1), n_start=6)  # context, then 6 start frames
+    assert start.context[0].tolist() == [True] + [False] * 6
+    out = fc.generate(fc.never_inserts(model), 2, (1, 1, 1), start=start, steps=20, max_reveal_prob=1.0, generator=gen(0))
     assert _lengths(out).tolist() == [7, 7] and all(s.context[0] and (s.frames[0] == 0) for s in out)
 
 
