@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 PARADIGMS = ("flowception", "full_sequence", "ar", "ar_causal")  # Flowception and Section 4.1's baselines
 ROPES = ("axial", "videorope")  # rope_angles
+BLOCKS = ("dit", "v1")  # DiTBlock
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class Config:
     depth: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
+    block: str = "dit"  # DiT's block, or "v1": the official FlowceptionV1's (SwiGLU, two-layer adaLN)
+    prompt_dim: int = 0  # width of the prompt's embeddings (T5-XXL: 4096; toy_data.embed_caption); 0: none
     window: int = 0  # attention within +-window frames (Figure 8); 0 = the whole video
     rope: str = "axial"  # RoPE over (frame, row, column): "axial" or "videorope", the paper's (rope_angles)
     rope_frame_base: float = 100.0  # axial: the frame axis turns 1 .. 1/base rad per frame
@@ -61,7 +64,7 @@ class Config:
     tau_density: str = "uniform"  # law of tau_g on [0, 2): "uniform", "logit_normal" or "late"
     rate_weight: float = 1.0  # loss = velocity + rate_weight * insertion
     tasks: str = "uncond"  # the mix of TASKS training draws from, e.g. "uncond:2,i2v:1"
-    cond_dropout: float = 0.0  # P(a video's context is blanked), for guidance (Eq. 13)
+    cond_dropout: float = 0.0  # P(a video's context and prompt are dropped), for guidance (Eq. 13)
     paradigm: str = "flowception"  # or a baseline of Section 4.1: a name in PARADIGMS (baseline_state)
     gamma: float = 1.0  # per-frame time t = clip(tau, 0, 1)^gamma (Appendix E), training and sampling
     steps: int = 3000  # training
@@ -83,7 +86,7 @@ class Config:
         counts = ("channels", "height", "width", "max_frames", "dim", "depth", "heads", "n_start", "steps",
                   "batch_size", "grad_accum", "log_every")
         rules = ((">= 1", lambda x: x >= 1, counts),
-                 (">= 0", lambda x: x >= 0, ("window", "pack", "warmup", "weight_decay", "grad_clip",
+                 (">= 0", lambda x: x >= 0, ("window", "pack", "prompt_dim", "warmup", "weight_decay", "grad_clip",
                                             "rate_weight", "ckpt_every")),
                  ("in (0, 1e3]", lambda x: 0 < x <= 1e3, ("lr", "mlp_ratio", "gamma", "rope_delta")),
                  ("in [0, 1)", lambda x: 0 <= x < 1, ("ema_decay", "cond_dropout")))
@@ -96,12 +99,14 @@ class Config:
                              f"{self.dim} split into {self.heads} heads of even size")
         if self.n_start > self.max_frames:
             raise ValueError(f"n_start {self.n_start} must be <= max_frames {self.max_frames}")
-        for name, value, choices in (("paradigm", self.paradigm, PARADIGMS), ("rope", self.rope, ROPES)):
+        for name, value, choices in (("paradigm", self.paradigm, PARADIGMS), ("rope", self.rope, ROPES),
+                                     ("block", self.block, BLOCKS)):
             if value not in choices:
                 raise ValueError(f"{name} {value!r} is not one of {', '.join(choices)}")
-        if self.paradigm.startswith("ar") and (self.tasks != "uncond" or self.window):
-            raise ValueError("the AR baselines draw their context (tasks 'uncond') and see all of it "
-                             f"(window 0), got tasks {self.tasks!r}, window {self.window}")
+        if self.paradigm.startswith("ar") and (self.tasks != "uncond" or self.window or self.prompt_dim):
+            raise ValueError("the AR baselines draw their context (tasks 'uncond'), see all of it (window 0) and "
+                             f"take no prompt, got tasks {self.tasks!r}, window {self.window}, prompt_dim "
+                             f"{self.prompt_dim}")
 
     @classmethod
     def from_dict(cls, d):
@@ -116,6 +121,8 @@ class Config:
 PRESETS = {
     # the quickstart, Appendix F's 3-pixel videos: 354,506 parameters, 5-10 min on 2 CPU cores (sweep: README)
     "toy": Config(steps=6000, batch_size=32, lr=2e-3, tau_density="late", pack=30),
+    # text-to-video on the toy: captions of the length and the jump (toy_data.caption), as embedded words
+    "toy_t2v": Config(steps=6000, batch_size=32, lr=2e-3, tau_density="late", pack=30, prompt_dim=16, cond_dropout=0.1),
     # the toy at the size that learns the content: 1,933,578 parameters, 4 min on one GPU, 2 hours on 2 cores
     "toy_full": Config(dim=128, depth=6, steps=2310, batch_size=512, lr=2e-3, tau_density="late"),
     # Figure 4's tasks, cond. dropout for guidance: 9,936,650 parameters, 4 min on one GPU, 6-10 h on 2 cores
@@ -124,11 +131,12 @@ PRESETS = {
     # the latent path end to end on a CPU: LTX latents of 64 px clips (2x2, up to 65 frames), tiny DiT
     "latent_tiny": Config(data="latents", channels=128, height=2, width=2, max_frames=9, patch=(1, 1),
                           dim=64, depth=2, steps=200, batch_size=8, warmup=20, pack=9, rope="videorope"),
-    # the paper's 256 px Tai-Chi config over 128-channel LTX latents at 8x8: 1,627,827,073 parameters (README)
+    # the paper's 2.1B config at 256 px over 128-channel LTX latents at 8x8, prompts from LTX-Video's T5-XXL:
+    # 2,084,865,409 parameters, the official FlowceptionV1's 2,089,529,985 within 0.3% (README)
     "taichi256": Config(data="latents", channels=128, height=8, width=8, max_frames=19, patch=(1, 1),
-                        dim=1536, depth=38, heads=24, batch_size=8, lr=1e-4, warmup=1000, steps=300_000,
-                        tau_density="logit_normal", ema_decay=0.9999, pack=19, fsdp=True, checkpointing=True,
-                        rope="videorope"),
+                        dim=1536, depth=38, heads=24, block="v1", prompt_dim=4096, cond_dropout=0.1,
+                        batch_size=8, lr=1e-4, warmup=1000, steps=300_000, tau_density="logit_normal",
+                        ema_decay=0.9999, pack=19, fsdp=True, checkpointing=True, rope="videorope"),
 }
 
 ###################### Scheduler kappa (Eq. 3, Lemma B.1) #######################
@@ -291,20 +299,25 @@ class TrainingBatch:
     K: torch.Tensor  # (B, F')               long, pending frames right of each slot
     video: torch.Tensor  # (B, F')           long, which video of the row (0; several once packed); -1 padding
     position: torch.Tensor  # (B, F')        long, the frame's index in its video
+    prompt: torch.Tensor  # (B, P, E)        the prompt tokens' embeddings (P = 0: no prompt)
+    prompt_video: torch.Tensor  # (B, P)     long, each prompt token's video; -1: padding, or dropped
 
 
-def make_training_batch(x_1, state, generator=None, cond_dropout=0.0):
+def make_training_batch(x_1, state, generator=None, cond_dropout=0.0, prompt=None, prompt_mask=None):
     """Noise the clean videos x_1 (B, F, C, H, W) to the state's times and strip the deleted frames. Context
-    frames are clean (t = 1), in both streams. With probability cond_dropout a video's context is dropped:
-    zeros in both streams, same place and t = 1, for the unconditional model of guidance (Eq. 13)."""
+    frames are clean (t = 1), in both streams. With probability cond_dropout a video's context and prompt
+    (B, P, E), prompt_mask (B, P) are dropped: the context zeros in both streams, same place and t = 1, the
+    prompt empty, for the unconditional model of guidance (Eq. 13)."""
     x_0 = torch.randn(x_1.shape, generator=generator, device=x_1.device, dtype=x_1.dtype)
     t = state.t.to(x_1.dtype)[:, :, None, None, None]  # (B, F, 1, 1, 1)
     x_t = t * x_1 + (1 - t) * x_0  # (B, F, C, H, W)                            Eq. (10)
-    context = state.context
+    context, B = state.context, x_1.shape[0]
+    prompt = x_1.new_zeros(B, 0, 0) if prompt is None else prompt
+    prompt_mask = torch.ones(prompt.shape[:2], dtype=torch.bool) if prompt_mask is None else prompt_mask
     if cond_dropout > 0:
-        drop = torch.rand(x_1.shape[0], generator=generator, device=x_1.device) < cond_dropout  # (B,)
+        drop = torch.rand(B, generator=generator, device=x_1.device) < cond_dropout  # (B,)
         x_t = torch.where((context & drop[:, None])[:, :, None, None, None], 0.0, x_t)
-        context = context & ~drop[:, None]
+        context, prompt_mask = context & ~drop[:, None], prompt_mask & ~drop[:, None].to(prompt_mask.device)
     cond = torch.where(context[:, :, None, None, None], x_1, 0.0)  # (B, F, C, H, W)
     # f_strip of Algorithm 2: the visible frames of each row to the front, in order
     n = state.visible.sum(dim=1)
@@ -314,8 +327,17 @@ def make_training_batch(x_1, state, generator=None, cond_dropout=0.0):
     return TrainingBatch(x_t=strip(x_t), cond=strip(cond), t=strip(state.t), mask=mask,
                          target=strip(x_1 - x_0), active=strip(state.active) & mask, K=strip(state.K) * mask,
                          can_insert=mask & ~strip(state.passive) & (state.tau_g < 1)[:, None],
-                         video=torch.where(mask, 0, -1),
+                         video=torch.where(mask, 0, -1), prompt=prompt, prompt_video=torch.where(prompt_mask, 0, -1),
                          position=torch.arange(mask.shape[1], device=mask.device).expand(mask.shape))
+
+
+def pad_prompts(prompts, dim):
+    """Prompts, each (P_i, E) -> (B, P, E) zero-padded and their mask (B, P) bool; (B, 0, dim) if all empty."""
+    P = max([len(p) for p in prompts] + [0])
+    out = torch.zeros(len(prompts), P, dim)
+    for b, p in enumerate(prompts):
+        out[b, : len(p)] = p
+    return out, torch.arange(P) < torch.tensor([len(p) for p in prompts], dtype=torch.long)[:, None]
 
 
 #################### Context patterns: the tasks of Figure 4 ####################
@@ -462,31 +484,63 @@ class Attention(nn.Module):
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)
 
 
-class DiTBlock(nn.Module):
-    """adaLN-Zero: each frame's conditioning sets shift, scale and gate for all its tokens, rate token too."""
+def norm_mlp(d_in, dim, d_out):
+    """Linear, RMSNorm, SiLU, Linear: the official code's adaLN (d_in = dim) and prompt projector."""
+    return nn.Sequential(nn.Linear(d_in, dim), nn.RMSNorm(dim), nn.SiLU(), nn.Linear(dim, d_out))
 
-    def __init__(self, dim, heads, mlp_ratio):
+
+class SwiGLU(nn.Module):
+    """The official block's MLP: w2(silu(w1 x) * w3 x), without biases (w1 and w3 as one matrix)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w13, self.w2 = nn.Linear(dim, 2 * hidden, bias=False), nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        a, b = self.w13(x).chunk(2, dim=-1)
+        return self.w2(nnf.silu(a) * b)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero: each frame's conditioning sets shift, scale and gate for all its tokens, rate token too.
+    block 'dit': DiT's GELU MLP and one-layer adaLN; 'v1': the official FlowceptionV1's SwiGLU (2/3 of the
+    hidden width, no biases) and two-layer adaLN. Prompt tokens y (prompt=True) join the attention (the same
+    q, k, v: joint attention), modulated by a shift, scale and gate computed from each token itself; no MLP."""
+
+    def __init__(self, dim, heads, mlp_ratio, block="dit", prompt=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        if block == "dit":
+            self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        else:
+            self.mlp, self.adaLN_modulation = SwiGLU(dim, 2 * hidden // 3), norm_mlp(dim, dim, 6 * dim)
+        self.prompt_modulation = norm_mlp(dim, dim, 3 * dim) if prompt else None
 
-    def forward(self, x, c, cos, sin, attn_mask, kv=None):  # x (B, F, L+1, D), c (B, F, D)
+    def forward(self, x, c, cos, sin, attn_mask, kv=None, y=None):  # x (B, F, L+1, D), c (B, F, D), y (B, P, D)
         mod = self.adaLN_modulation(c)[:, :, None].chunk(6, dim=-1)  # 6 x (B, F, 1, D): once per frame
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, F, L+1, D) what attention sees
-        x = x + gate_msa * self.attn(h.flatten(1, 2), cos, sin, attn_mask, kv).view_as(x)
-        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        h = modulate(self.norm1(x), shift_msa, scale_msa).flatten(1, 2)  # (B, N, D) what attention sees
+        if y is not None:  # the prompt tokens after the video's
+            shift_y, scale_y, gate_y = self.prompt_modulation(y).chunk(3, dim=-1)  # (B, P, D) each
+            h = torch.cat([h, modulate(self.norm1(y), shift_y, scale_y)], dim=1)  # (B, N + P, D)
+        out = self.attn(h, cos, sin, attn_mask, kv)  # (B, N + P, D)
+        N = x.shape[1] * x.shape[2]
+        x = x + gate_msa * out[:, :N].view_as(x)
+        y = None if y is None else y + gate_y * out[:, N:]
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)), y
 
 
 class Flowception(nn.Module):
     """model(x_t, t, mask, cond) -> (v, log_lam): a velocity for every frame, a log insertion rate per slot.
     Each frame: L patch tokens over 2C channels (noisy and conditioning stream) and one learned rate token
-    (shared). Attention over the tokens of the real frames of a video (or within +-window frames). A final
-    adaLN layer, then a linear map gives v from the patch tokens, a small MLP log lam from the rate token."""
+    (shared). Attention over the tokens of the real frames of a video (or within +-window frames) and of its
+    prompt (prompt_dim > 0): the encoder's embeddings projected to D, their mean added to every frame's
+    conditioning. A final adaLN layer, then a linear map gives v from the patch tokens, a small MLP log lam
+    from the rate token."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -496,7 +550,9 @@ class Flowception(nn.Module):
         self.t_embedder = TimestepEmbedder(cfg.dim)
         self.count_embedder = TimestepEmbedder(cfg.dim, scale=1.0) if cfg.count_embedding else None
         self.rate_token = nn.Parameter(torch.zeros(cfg.dim))
-        self.blocks = nn.ModuleList(DiTBlock(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.prompt_projector = norm_mlp(cfg.prompt_dim, cfg.dim, cfg.dim) if cfg.prompt_dim else None
+        self.blocks = nn.ModuleList(DiTBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.block, cfg.prompt_dim > 0)
+                                    for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 2 * cfg.dim))
         self.final_linear = nn.Linear(cfg.dim, cfg.channels * ph * pw)
@@ -508,12 +564,14 @@ class Flowception(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         nn.init.normal_(self.rate_token, std=0.02)
         for embedder in (e for e in (self.t_embedder, self.count_embedder) if e is not None):
             nn.init.normal_(embedder.mlp[0].weight, std=0.02)
             nn.init.normal_(embedder.mlp[2].weight, std=0.02)
-        zero = [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_modulation[-1], self.final_linear]
+        zero = [m[-1] for b in self.blocks for m in (b.adaLN_modulation, b.prompt_modulation) if m is not None]
+        zero += [self.final_modulation[-1], self.final_linear]
         for layer in zero + [self.rate_head[-1]]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -527,19 +585,24 @@ class Flowception(nn.Module):
         hw = hw.to(position.device).expand(*position.shape, -1, -1)  # (B, F, L+1, 2)
         return torch.cat([position[:, :, None, None].float().expand(*hw.shape[:3], 1), hw], dim=-1)
 
-    def attention_mask(self, video, position, L1):
-        """(B, 1, N, N) bool: a token sees its video's tokens (+-window frames; ar_causal: up to its own)."""
-        video, position = video.repeat_interleave(L1, dim=1), position.repeat_interleave(L1, dim=1)  # (B, N)
-        allowed = video[:, :, None] == video[:, None, :]  # (B, N, N)
+    def attention_mask(self, video, position, L1, prompt_video):
+        """(B, 1, N + P, N + P) bool: a token sees its video's tokens and prompt tokens; a frame's tokens see
+        another frame's within +-window frames only (ar_causal: up to their own frame)."""
+        position = position.repeat_interleave(L1, dim=1)  # (B, N)
+        video = torch.cat([video.repeat_interleave(L1, dim=1), prompt_video], dim=1)  # (B, N + P)
+        allowed = video[:, :, None] == video[:, None, :]  # (B, N + P, N + P)
+        frames = allowed[:, : position.shape[1], : position.shape[1]]  # (B, N, N) a view: between frames
         if self.cfg.window:
-            allowed &= (position[:, :, None] - position[:, None, :]).abs() <= self.cfg.window
+            frames &= (position[:, :, None] - position[:, None, :]).abs() <= self.cfg.window
         if self.cfg.paradigm == "ar_causal":
-            allowed &= position[:, None, :] <= position[:, :, None]
+            frames &= position[:, None, :] <= position[:, :, None]
         return allowed[:, None]
 
-    def forward(self, x_t, t, mask, cond, video=None, position=None, cache=None):
+    def forward(self, x_t, t, mask, cond, video=None, position=None, cache=None, prompt=None, prompt_video=None):
         """video, position (B, F): each frame's video in a packed row (-1: padding) and index in it, as in
-        TrainingBatch (default: one video per row). cache: a KVCache, with one frame per row."""
+        TrainingBatch (default: one video per row). cache: a KVCache, with one frame per row. prompt (B, P, E):
+        the encoder's embeddings of each row's prompt tokens, prompt_video (B, P) their video (-1: padding;
+        default 0: all real); no prompt, or every token padding, is the empty prompt."""
         cfg, (B, F), (ph, pw) = self.cfg, mask.shape, self.cfg.patch
         if video is None:
             video, position = torch.where(mask, 0, -1), torch.arange(F, device=mask.device).expand(B, F)
@@ -551,15 +614,23 @@ class Flowception(nn.Module):
         if self.count_embedder is not None:  # the frames a frame sees: its video's (causal: up to its own)
             same = video[:, :, None] == video[:, None, :]  # (B, F, F)
             c = c + self.count_embedder(position + 1 if cfg.paradigm == "ar_causal" else same.sum(2))
+        y, P = None, 0 if prompt is None or self.prompt_projector is None else prompt.shape[1]
+        if not P or prompt_video is None:  # no prompt tokens; or, by default, every one real
+            prompt_video = torch.zeros(B, P, dtype=torch.long, device=mask.device)
+        if P:
+            y = self.prompt_projector(prompt.to(x.dtype))  # (B, P, D)
+            mine = (video[:, :, None] == prompt_video[:, None, :]).to(y.dtype)  # (B, F, P) its video's tokens
+            c = c + mine @ y / mine.sum(dim=2, keepdim=True).clamp_min(1)  # (B, F, D) + the mean prompt token
         angles = rope_angles(self.positions(position).flatten(1, 2), cfg)  # (B, N, hd/2)
-        cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # (B, 1, N, hd/2)
+        angles = nnf.pad(angles, (0, 0, 0, prompt_video.shape[1]))  # (B, N + P, hd/2) prompt tokens: 0, unturned
+        cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # (B, 1, N + P, hd/2)
         assert cache is None or F == 1, "a KV cache runs one frame per row"
-        attn_mask = self.attention_mask(video, position, x.shape[2]) if cache is None else None
+        attn_mask = self.attention_mask(video, position, x.shape[2], prompt_video) if cache is None else None
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else functools.partial(cache.attend, i)  # block i's part of the cache
             if cfg.checkpointing and torch.is_grad_enabled():  # keep only block inputs; recompute in backward
                 block = functools.partial(torch.utils.checkpoint.checkpoint, block, use_reentrant=False)
-            x = block(x, c, cos, sin, attn_mask, kv)  # (B, F, L+1, D)
+            x, y = block(x, c, cos, sin, attn_mask, kv, y)  # (B, F, L+1, D), (B, P, D)
         shift, scale = self.final_modulation(c)[:, :, None].chunk(2, dim=-1)  # (B, F, 1, D)
         x = modulate(self.final_norm(x), shift, scale)  # (B, F, L+1, D) final adaLN, rate token too
         out = self.final_linear(x[:, :, :-1])  # (B, F, L, ph pw C)
@@ -572,21 +643,25 @@ build_model = Flowception  # the DiT for a config; under `with torch.device("met
 
 
 @functools.cache
-def forward_flops(cfg, frames, seen=None):
-    """Matmul FLOPs of a forward pass over ONE video of `frames` frames, counted for MFU as torchtitan does
-    (training: 3x): 2 per weight per token it acts on (adaLN, embedders, rate head: once per frame), 4 D per
-    query-key pair per block. seen: the frames that frames see, summed (None: their video, window, causal)."""
-    D, C, (ph, pw) = cfg.dim, cfg.channels, cfg.patch
+def forward_flops(cfg, frames, seen=None, prompt=0):
+    """Matmul FLOPs of a forward pass over ONE video of `frames` frames and `prompt` prompt tokens, counted for
+    MFU as torchtitan does (training: 3x): 2 per weight per token it acts on (adaLN, embedders, rate head: once
+    per frame), 4 D per query-key pair per block. seen: the frames that frames see, summed (None: their video,
+    window, causal); prompt tokens see and are seen by every token of their video."""
+    D, C, (ph, pw), hidden = cfg.dim, cfg.channels, cfg.patch, int(cfg.dim * cfg.mlp_ratio)
     L = (cfg.height // ph) * (cfg.width // pw)  # patch tokens per frame; L + 1 with the rate token
-    per_token = cfg.depth * (4 * D * D + 2 * D * int(D * cfg.mlp_ratio))  # qkv, projection, MLP
+    mlp, adaln = (3 * D * (2 * hidden // 3), 7 * D * D) if cfg.block == "v1" else (2 * D * hidden, 6 * D * D)
+    per_token = cfg.depth * (4 * D * D + mlp)  # qkv, projection, MLP
     per_patch = 2 * C * ph * pw * D + D * C * ph * pw  # patch embedding (2C channels in), velocity head
     embedders = (256 * D + D * D) * (1 + cfg.count_embedding)  # time (and count) embedding
-    per_frame = embedders + cfg.depth * 6 * D * D + 2 * D * D + (D * D + D)  # adaLN, final adaLN, rate head
+    per_frame = embedders + cfg.depth * adaln + 2 * D * D + (D * D + D) + prompt * D  # ... rate head, prompt mean
+    per_prompt = cfg.depth * 8 * D * D + cfg.prompt_dim * D + D * D  # qkv, projection, its adaLN; projector
     w, causal = cfg.window or frames, cfg.paradigm == "ar_causal"
     if seen is None:  # frame i sees frames max(0, i - w) .. min(frames - 1, i + w), or up to i
         seen = sum(min(frames, i + 1 if causal else i + w + 1) - max(0, i - w) for i in range(frames))
-    attention = 4 * cfg.depth * D * seen * (L + 1) ** 2  # seen x (L + 1)^2 query-key pairs
-    return 2 * frames * ((L + 1) * per_token + L * per_patch + per_frame) + attention
+    N = frames * (L + 1)  # seen x (L + 1)^2 query-key pairs, and with the prompt 2 N prompt + prompt^2
+    attention = 4 * cfg.depth * D * (seen * (L + 1) ** 2 + 2 * N * prompt + prompt**2)
+    return 2 * frames * ((L + 1) * per_token + L * per_patch + per_frame) + 2 * prompt * per_prompt + attention
 
 
 ################## The sampler (Algorithm 1, Appendix B.3, E) ###################
@@ -700,16 +775,20 @@ def insert_frames(state, n_new, tau_g, max_frames, generator=None):
                         refused=state.refused + (n_new - kept).sum(dim=1))
 
 
-def guided_forward(model, state, rate_guidance=1.0, cfg_scale=1.0):
-    """The model on the sampler state -> (v, log_lam); with guidance, also without the context: blanked in
-    both streams, in place and at t = 1, as conditioning dropout trains it. Rate guidance log lam = w log
-    lam_c + (1 - w) log lam_u (Eq. 13); velocity CFG v = v_u + s (v_c - v_u). One batch for both passes."""
+def guided_forward(model, state, rate_guidance=1.0, cfg_scale=1.0, text=None):
+    """The model on the sampler state -> (v, log_lam). text: the model's prompt arguments (prompt,
+    prompt_video), or None. With guidance, also without context and prompt, as conditioning dropout trains
+    it: the context blanked in both streams, in place and at t = 1, the prompt empty. Rate guidance log lam =
+    w log lam_c + (1 - w) log lam_u (Eq. 13); velocity CFG v = v_u + s (v_c - v_u). One batch for both."""
     ctx = state.context[:, :, None, None, None]  # (B, F, 1, 1, 1)
-    x, cond = state.x, torch.where(ctx, state.x, 0.0)
-    if (rate_guidance == 1 and cfg_scale == 1) or not state.context.any():
-        return model(x, state.t, state.mask, cond)
+    x, cond, text = state.x, torch.where(ctx, state.x, 0.0), text or {}
+    if (rate_guidance == 1 and cfg_scale == 1) or not (state.context.any() or text):
+        return model(x, state.t, state.mask, cond, **text)
+    if text:  # the empty prompt: every token padding
+        owner = text["prompt_video"]
+        text = dict(prompt=text["prompt"].repeat(2, 1, 1), prompt_video=torch.cat([owner, torch.full_like(owner, -1)]))
     v, log_lam = model(torch.cat([x, torch.where(ctx, 0.0, x)]), state.t.repeat(2, 1),
-                       state.mask.repeat(2, 1), torch.cat([cond, torch.zeros_like(cond)]))
+                       state.mask.repeat(2, 1), torch.cat([cond, torch.zeros_like(cond)]), **text)
     (v_c, v_u), (log_lam_c, log_lam_u) = v.chunk(2), log_lam.chunk(2)
     return v_u + cfg_scale * (v_c - v_u), rate_guidance * log_lam_c + (1 - rate_guidance) * log_lam_u
 
@@ -717,11 +796,13 @@ def guided_forward(model, state, rate_guidance=1.0, cfg_scale=1.0):
 @torch.no_grad()
 def generate(model, num_videos, frame_shape, kappa=LinearKappa(), n_start=1, steps=100, sampler="poisson",
              max_reveal_prob=0.1, max_frames=64, generator=None, callback=None, device=None,
-             dtype=torch.float32, start=None, rate_guidance=1.0, cfg_scale=1.0, gamma=1.0):
+             dtype=torch.float32, start=None, rate_guidance=1.0, cfg_scale=1.0, gamma=1.0, prompt=None,
+             prompt_mask=None):
     """Variable-length videos (a list of Sample): Euler steps interleaved with insertions (Algorithm 1).
 
     model: any callable model(x_t, t, mask, cond) -> (v, log_lam). start: the context and start frames to
-    begin from (make_start); None: n_start start frames. The global time tau_g walks time_grid to 1
+    begin from (make_start); None: n_start start frames. prompt (B, P, E), prompt_mask (B, P): the text (the
+    model's prompt_dim) each video is asked for; None: the empty prompt. The global time tau_g walks time_grid to 1
     (max_reveal_prob = 1: Algorithm 1's uniform steps), then steps of h = 1 / steps until every frame is
     clean. Each step, from tau_g to the next time tau', for every video at once:
       1. one forward pass -> v, log lam (two with guidance: rate_guidance w, Eq. 13; cfg_scale s);
@@ -744,14 +825,16 @@ def generate(model, num_videos, frame_shape, kappa=LinearKappa(), n_start=1, ste
     state = SamplerState(x=x, t=ctx.float(), mask=torch.ones_like(ctx), context=ctx,
                          passive=start.passive.to(device), insert_time=torch.zeros(ctx.shape, device=device),
                          tau_g=0.0, step=0, refused=torch.zeros(B, dtype=torch.long, device=device))
-    guided = bool(ctx.any()) and (cfg_scale != 1 or rate_guidance != 1)
+    text = None if prompt is None else dict(prompt=prompt.to(device).expand(B, -1, -1),  # (1, P, E): every video's
+                                            prompt_video=torch.where(prompt_mask.to(device), 0, -1).expand(B, -1))
+    guided = bool(ctx.any() or text) and (cfg_scale != 1 or rate_guidance != 1)
     nfe = torch.zeros(B, dtype=torch.long, device=device)
     later = iter(grid[1:])
     for _ in range(len(grid) + steps + 1):
         tau_g, unfinished = state.tau_g, ((state.t < 1) & state.mask).any(dim=1)  # (B,)
         if tau_g >= 1 and not unfinished.any():
             break
-        v, log_lam = guided_forward(model, state, rate_guidance, cfg_scale)  # 1. (two with guidance)
+        v, log_lam = guided_forward(model, state, rate_guidance, cfg_scale, text)  # 1. (two with guidance)
         nfe += (unfinished | (tau_g < 1)) * (2 if guided else 1)  # evaluations until a video is done
         tau_next = next(later) if tau_g < 1 else tau_g + 1 / steps  # 2. flow to it, Eq. (4)
         u = (tau_next - state.insert_time).clamp(0, 1)  # (B, F) clip(tau_i) at tau_next
@@ -852,17 +935,23 @@ def write_atomically(path, write):
 LTX_TEMPORAL, LTX_SPATIAL = 8, 32  # the LTX VAE: 1 + 8k frames of H x W px -> 1 + k of 128 x H/32 x W/32
 
 
-def save_latents(path, z, fps, vae=None):
+def save_latents(path, z, fps, vae=None, prompt=None, text_encoder=None):
     """Normalised latents (F, C, h, w) -> LTX-Video-Trainer's file, atomically: a dict with the latents packed
-    as (F h w, C) tokens in (frame, row, column) order, the fps and the VAE that made them (vae_identity)."""
+    as (F h w, C) tokens in (frame, row, column) order, the fps and the VAE that made them (vae_identity);
+    a caption's embeddings (P, E) as the trainer's condition files hold them, and the encoder that made them."""
     F, _, h, w = z.shape
     d = {"latents": rearrange(z.cpu(), "f c h w -> (f h w) c"), "num_frames": F, "height": h, "width": w}
-    write_atomically(path, lambda f: torch.save({**d, "fps": float(fps), **(vae or {})}, f))
+    if prompt is not None:
+        d |= {"prompt_embeds": prompt, "prompt_attention_mask": torch.ones(len(prompt), dtype=torch.bool)}
+    write_atomically(path, lambda f: torch.save({**d, "fps": float(fps), **(vae or {}), **(text_encoder or {})}, f))
 
 
 def load_latents(path, channels=None, size=None):
-    """One latent file (ours, LTX-Video-Trainer's, LTX-2's) -> (F, C, h, w) and its {fps, vae, vae_fingerprint}
-    (None where it does not say)."""
+    """One latent file (ours, LTX-Video-Trainer's, LTX-2's) -> (F, C, h, w) and its {fps, vae, vae_fingerprint,
+    prompt: the real tokens' embeddings (P, E) or None, text_encoder, text_encoder_fingerprint} (None where
+    it does not say). A trainer's latents/x.pt finds its prompt in conditions/x.pt, made with LTX-Video's T5."""
+    head, sep, tail = path.rpartition(f"{os.sep}latents{os.sep}")  # LTX-Video-Trainer's .precomputed layout
+    conditions = f"{head}{os.sep}conditions{os.sep}{tail}" if sep else None
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
         z = d["latents"].float()
@@ -872,6 +961,10 @@ def load_latents(path, channels=None, size=None):
             z = rearrange(z, "(f h w) c -> f c h w", f=F, h=h, w=w)
         else:  # LTX-2's trainer: (C, F, h, w)
             z = z.permute(1, 0, 2, 3)
+        text = d
+        if conditions and os.path.isfile(conditions):
+            text = {"text_encoder": "Lightricks/LTX-Video", **torch.load(conditions, map_location="cpu", weights_only=True)}
+        prompt = text["prompt_embeds"][text["prompt_attention_mask"].bool()] if "prompt_embeds" in text else None
     except Exception as e:  # unreadable, not a dict, missing keys, inconsistent shapes
         raise ValueError(f"latent file {path} is not readable ({why(e)})") from None
     if channels is not None and z.shape[1] != channels:
@@ -879,34 +972,48 @@ def load_latents(path, channels=None, size=None):
     if size is not None and tuple(z.shape[2:]) != tuple(size):
         raise ValueError(f"latent file {path} is {z.shape[2]}x{z.shape[3]} latents, the preset wants "
                          f"{size[0]}x{size[1]}")
-    if not z.isfinite().all():
+    if not z.isfinite().all() or (prompt is not None and not prompt.isfinite().all()):
         raise ValueError(f"latent file {path} holds NaN or inf")
     if fps is not None and not 0 < fps < math.inf:
         raise ValueError(f"latent file {path} has fps {fps}, not a positive finite number")
-    return z, {"fps": fps, **{k: d.get(k) for k in ("vae", "vae_fingerprint")}}
+    return z, {"fps": fps, **{k: d.get(k) for k in ("vae", "vae_fingerprint")}, "prompt": prompt,
+               **{k: text.get(k) if prompt is not None else None for k in ("text_encoder", "text_encoder_fingerprint")}}
 
 
 def load_latent_folder(folder, cfg):
-    """The latent files (*.pt) under a folder, checked -> the clips (held in memory), their fps and VAE."""
+    """The latent files (*.pt) under a folder, checked -> the clips and their prompts (P, E), held in memory
+    (a clip without one: the empty prompt), and their fps, VAE and text encoder. Folders named conditions are
+    LTX-Video-Trainer's prompts, read with their latents."""
     files = sorted(path for d, _, fs in os.walk(folder) for f in fs  # regular files: a FIFO hangs torch.load
-                   if f.endswith(".pt") and os.path.isfile(path := os.path.join(d, f)))
+                   if f.endswith(".pt") and os.path.isfile(path := os.path.join(d, f))
+                   and "conditions" not in os.path.relpath(d, folder).split(os.sep))
     if not files:
         raise ValueError(f"no latent files (*.pt) in {folder} (encode videos: train.py --encode-videos)")
     shortest, size = cfg.n_start + 2, (cfg.height, cfg.width)
     loaded = [load_latents(f, cfg.channels, size) for f in tqdm(files, disable=len(files) < 100)]
     vaes = {(i["vae"], i["vae_fingerprint"]) for _, i in loaded}
-    if len(vaes) > 1:
-        raise ValueError(f"the latents in {folder} come from {len(vaes)} VAEs: {sorted(map(str, vaes))}")
-    clips = [z[: cfg.max_frames] for z, _ in loaded if len(z) >= shortest]
+    encoders = {(i["text_encoder"], i["text_encoder_fingerprint"]) for _, i in loaded if i["prompt"] is not None}
+    for what, found in (("VAEs", vaes), ("text encoders", encoders)):
+        if len(found) > 1:
+            raise ValueError(f"the latents in {folder} come from {len(found)} {what}: {sorted(map(str, found))}")
+    widths = {i["prompt"].shape[1] for _, i in loaded if i["prompt"] is not None}
+    if cfg.prompt_dim and widths - {cfg.prompt_dim}:
+        raise ValueError(f"the prompts in {folder} are {widths.pop()}-d embeddings, the preset's prompt_dim is "
+                         f"{cfg.prompt_dim}")
+    clips = [(z[: cfg.max_frames], torch.zeros(0, cfg.prompt_dim) if i["prompt"] is None else i["prompt"])
+             for z, i in loaded if len(z) >= shortest]
     if not clips:
         raise ValueError(f"no clip in {folder} has {shortest} latent frames or more")
-    lengths = collections.Counter(len(z) for z in clips)
+    lengths = collections.Counter(len(z) for z, _ in clips)
     print(f"{folder}: {len(clips)} clips ({len(loaded) - len(clips)} shorter than {shortest} frames "
-          f"skipped); clips per latent length: {dict(sorted(lengths.items()))}")
+          f"skipped); clips per latent length: {dict(sorted(lengths.items()))}; "
+          f"{sum(len(p) > 0 for _, p in clips)} with a prompt" + ("" if cfg.prompt_dim else " (unused: prompt_dim 0)"))
     if len(lengths) == 1:
-        print(f"warning: every clip has {len(clips[0])} latent frames, the only length the model will learn "
+        print(f"warning: every clip has {len(clips[0][0])} latent frames, the only length the model will learn "
               "(a trainer cache cuts clips to its bucket's length: encode the videos instead)")
-    return clips, dict(zip(("vae", "vae_fingerprint"), vaes.pop()), fps=loaded[0][1]["fps"])
+    encoder = encoders.pop() if encoders else (None, None)
+    return clips, dict(zip(("vae", "vae_fingerprint", "text_encoder", "text_encoder_fingerprint"), vaes.pop() + encoder),
+                       fps=loaded[0][1]["fps"])
 
 
 def load_vae(name_or_path, device="cpu", dtype=torch.float32):
@@ -923,14 +1030,49 @@ def load_vae(name_or_path, device="cpu", dtype=torch.float32):
     return vae.to(device).eval()
 
 
-def vae_identity(vae, name):
-    """{vae: its hub id or folder, vae_fingerprint: a hash of its config and latent statistics}: latents go
-    right only through a VAE of that fingerprint (0.9.0, 0.9.1, 0.9.5 differ; 0.9.7 by its statistics)."""
-    config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
+def identity(kind, model, name, extra=b""):
+    """{kind: the hub id or folder of a diffusers or transformers model, kind_fingerprint: a hash of its
+    config (and extra)}: the checkpoint records the VAE and the text encoder that its latents and prompts need."""
+    config = {k: v for k, v in dict(model.config.items() if isinstance(model.config, dict) else
+                                    model.config.to_dict().items()).items()
+              if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}
     config = json.dumps(config, sort_keys=True, default=str)
-    stats = torch.cat([vae.latents_mean, vae.latents_std]).double().cpu().numpy().tobytes()
     name = os.path.abspath(name) if os.path.isdir(name) else name  # a folder: from wherever sample.py runs
-    return {"vae": name, "vae_fingerprint": hashlib.sha256(config.encode() + stats).hexdigest()[:16]}
+    return {kind: name, f"{kind}_fingerprint": hashlib.sha256(config.encode() + extra).hexdigest()[:16]}
+
+
+def vae_identity(vae, name):
+    """The VAE's identity: latents go right only through a VAE of that fingerprint (0.9.0, 0.9.1, 0.9.5 differ in
+    config, 0.9.7 in its latent statistics)."""
+    return identity("vae", vae, name, torch.cat([vae.latents_mean, vae.latents_std]).double().cpu().numpy().tobytes())
+
+
+def load_text_encoder(name_or_path, device="cpu"):
+    """transformers' T5 encoder (bf16) and tokenizer from a hub id or folder: LTX-Video's layout (text_encoder/
+    and tokenizer/ folders, as Lightricks/LTX-Video, whose T5 is google/t5-v1_1-xxl) or both in one folder."""
+    from transformers import AutoTokenizer, T5EncoderModel  # optional: imported where used
+
+    if name_or_path.startswith((os.sep, ".")) and not os.path.isdir(name_or_path):
+        raise ValueError(f"text encoder folder {name_or_path} does not exist")
+    flat = os.path.isfile(os.path.join(name_or_path, "config.json"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="" if flat else "tokenizer")
+        encoder = T5EncoderModel.from_pretrained(name_or_path, subfolder="" if flat else "text_encoder",
+                                                 dtype=torch.bfloat16)
+    except Exception as e:  # offline without a cache, a wrong path, not a T5
+        raise ValueError(f"cannot load the T5 text encoder from {name_or_path!r} ({why(e)})") from None
+    return tokenizer, encoder.to(device, torch.bfloat16).eval()
+
+
+@torch.no_grad()
+def encode_text(text_encoder, texts):
+    """Captions -> their embeddings (P_i, E) bf16, as LTX-Video-Trainer makes them: 256 tokens (padded, cut, the
+    end token), encoded without the mask, the real tokens kept. An empty caption: no token (the empty prompt)."""
+    tokenizer, encoder = text_encoder
+    ids = tokenizer(texts, max_length=256, padding="max_length", truncation=True, add_special_tokens=True,
+                    return_tensors="pt")
+    embeds = encoder(ids.input_ids.to(encoder.device))[0].to(torch.bfloat16).cpu()  # (B, 256, E)
+    return [e[m] if text else e[:0] for e, m, text in zip(embeds, ids.attention_mask.bool(), texts)]
 
 
 def vae_frames(n):

@@ -4,6 +4,7 @@
     python sample.py --ckpt out/toy_tasks/ckpt.pt --task interp --anchors 1  # first, middle, last given
     python sample.py --steps 100 --sampler bernoulli --max-reveal-prob 1   # Algorithm 1's grid and draw
     python sample.py --ckpt out/full/ckpt.pt        # a baseline (train.py --paradigm): at the data's lengths
+    python sample.py --ckpt out/toy_t2v/ckpt.pt --prompt "25 frames, jumps up"   # text-to-video
 
 Toy checkpoints: the histogram, toy_data's metrics, samples.pt, videos.png, generation.gif. Latents: mp4s."""
 import argparse
@@ -31,6 +32,7 @@ def parse_args(argv=None):
     arg("--max-reveal-prob", type=float, default=0.1, help="cap on a step's reveal probability (1: Alg. 1)")
     arg("--max-frames", type=int, help="length cap (default: the data's longest, twice that for the toy)")
     arg("--task", choices=fc.TASKS, default="uncond", help="what is given")
+    arg("--prompt", help="the text every video is asked for (a checkpoint trained with prompts; '': none)")
     arg("--context", help="a latent file whose frames are the context (default: held-out toy videos)")
     arg("--anchors", type=int, default=0, help="interp: middle anchors between the first and last frame")
     arg("--prefix", type=int, default=4, help="extend: the number of given frames")
@@ -97,6 +99,26 @@ def context_frames(args, cfg):
     return videos[torch.arange(N)[:, None], index], lengths  # the first frame, evenly spaced ones, the last
 
 
+def encode_prompt(args, cfg):
+    """--prompt -> generate's prompt (1, P, E) and prompt_mask, embedded by the text encoder that made the
+    training prompts (the toy's words, or the T5 the checkpoint records, of the same fingerprint); {} if none."""
+    name = args.data_info.get("text_encoder")
+    if args.prompt is None:
+        return {}
+    if not cfg.prompt_dim or name is None:
+        raise ValueError(f"{args.ckpt} was trained without prompts, or does not say which text encoder made them")
+    if name == "toy":
+        embeds = toy_data.embed_caption(args.prompt)
+    else:
+        text_encoder = fc.load_text_encoder(name, args.device)
+        fingerprint = fc.identity("text_encoder", text_encoder[1], name)["text_encoder_fingerprint"]
+        if args.data_info.get("text_encoder_fingerprint") not in (None, fingerprint):
+            raise ValueError(f"the text encoder at {name} ({fingerprint}) is not the one that made the training "
+                             f"prompts ({args.data_info['text_encoder_fingerprint']})")
+        embeds = fc.encode_text(text_encoder, [args.prompt])[0].float()
+    return dict(prompt=embeds[None], prompt_mask=torch.ones(1, len(embeds), dtype=torch.bool))
+
+
 def baseline_lengths(args, cfg, frames, source_lengths):
     """The baselines' length of each video: --length, the context's own video's or the data law's."""
     if args.task == "interp":
@@ -117,7 +139,7 @@ def generate_all(model, args, cfg, frames, lengths=None):
     """args.num videos, args.batch_size at a time, from the context frames; with lengths, a baseline's."""
     shape, A = (cfg.channels, cfg.height, cfg.width), 0 if frames is None else frames.shape[1]
     flow = dict(steps=args.steps, gamma=args.gamma, device=args.device,
-                generator=torch.Generator(args.device).manual_seed(args.seed))
+                generator=torch.Generator(args.device).manual_seed(args.seed), **args.text)
     kwargs = dict(kappa=fc.KAPPAS[cfg.kappa](), sampler=args.sampler, max_reveal_prob=args.max_reveal_prob,
                   max_frames=args.max_frames, rate_guidance=args.rate_guidance, cfg_scale=args.cfg, **flow)
     index, B = torch.arange(args.num), args.batch_size
@@ -200,7 +222,7 @@ def draw_generation(model, args, cfg, path, n=4):
     states = []  # the sampler's state after every step
     fc.generate(model, n, (cfg.channels, cfg.height, cfg.width), kappa=fc.KAPPAS[cfg.kappa](), steps=args.steps,
                 n_start=cfg.n_start, max_frames=args.max_frames, gamma=args.gamma, device=args.device,
-                generator=torch.Generator(args.device).manual_seed(args.seed), callback=states.append)
+                generator=torch.Generator(args.device).manual_seed(args.seed), callback=states.append, **args.text)
     width, pictures = max(int(s.mask.sum(1).max()) for s in states), []
     for s in states:
         videos = [(x[m], t[m, None].expand(-1, 3)) for x, t, m in zip(s.x.cpu(), s.t.cpu(), s.mask.cpu())]
@@ -231,6 +253,7 @@ def main(argv=None):
         check_numbers(args)
         args.device = fc.get_device(args.device)
         model, cfg, label = load_model(args)
+        args.text = encode_prompt(args, cfg)
         args.gamma = cfg.gamma if args.gamma is None else args.gamma
         args.max_frames = args.max_frames or (2 if cfg.data == "toy" else 1) * cfg.max_frames
         frames, source_lengths = context_frames(args, cfg)
@@ -264,6 +287,9 @@ def main(argv=None):
         q = result["quality"] = toy_data.quality([s.frames for s in samples])
         content = " | ".join(f"{k} {q[k]:.3g} ({q['data'][k]:.3g})" for k in q["data"])  # toy_data.summary
         print(f"content (data): {content} | FD {q['fd']:.3g} (data vs data {q['fd_floor']:.3g})")
+        if args.prompt:  # what the prompt asks for, done by how many
+            result["follows"] = toy_data.follows(args.prompt, result["frames"])
+            print(f"prompt {args.prompt!r}: " + " | ".join(f"{k} {v:.1%}" for k, v in result["follows"].items()))
         fc.write_atomically(os.path.join(out, "samples.pt"), lambda f: torch.save(result, f))
         drawn = draw_videos(samples, os.path.join(out, "videos.png"))  # None without matplotlib
         if drawn and cfg.paradigm == "flowception" and args.task == "uncond":

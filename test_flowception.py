@@ -608,39 +608,44 @@ def test_oracle_with_context_reproduces_the_length_law(task, A):
     assert tv(histogram(_lengths(out), 20), P) <= 4 * tv_noise(P, N) + 0.03  # + the grid's own error (SPEC 7)
 
 
-def test_guidance_formulas():
-    """Rate guidance: log lam = w log lam_c + (1 - w) log lam_u (Eq. 13); CFG: v = v_u + s (v_c - v_u)."""
-    seen = []
+@pytest.mark.parametrize("by", ["context", "prompt"])
+def test_guidance_formulas(by):
+    """Rate guidance: log lam = w log lam_c + (1 - w) log lam_u (Eq. 13); CFG: v = v_u + s (v_c - v_u). The
+    unconditional pass drops what conditions: the context frame (blanked, t = 1) or the prompt (empty)."""
+    seen, slot = [], 1 if by == "context" else 0  # the start frame: right of the context frame, or alone
 
-    def model(x, t, mask, cond):  # conditional iff the conditioning stream carries the context frame
-        conditional = (cond != 0).flatten(1).any(1)  # (B,)
-        if not conditional.all():  # the unconditional pass blanks context (frame 0) in both streams, keeps t = 1
+    def model(x, t, mask, cond, prompt=None, prompt_video=None):
+        conditional = (cond != 0).flatten(1).any(1) if by == "context" else (prompt_video >= 0).any(1)  # (B,)
+        if not conditional.all() and by == "context":  # blanked in both streams, keeps t = 1
             assert (x[~conditional][:, 0] == 0).all() and (t[~conditional][:, 0] == 1).all()
         seen.append(conditional.tolist())
-        log_lam = torch.full(mask.shape, -30.0)  # only the start frame (index 1, right of the context) inserts
-        log_lam[:, 1] = torch.where(conditional, 0.2, -0.2)
+        log_lam = torch.full(mask.shape, -30.0)  # only the start frame inserts
+        log_lam[:, slot] = torch.where(conditional, 0.2, -0.2)
         v = torch.where(conditional, 1.0, -1.0).view(-1, 1, 1, 1, 1).expand(x.shape)
         return v.contiguous(), log_lam
 
     frames = torch.full((400, 1, 1, 1, 1), 3.0)
+    given = dict(start=fc.make_start("i2v", frames)) if by == "context" else \
+        dict(prompt=torch.ones(1, 3, 4), prompt_mask=torch.tensor([[True, True, False]]))
     grid = torch.tensor(fc.time_grid(fc.LinearKappa(), 8, 0.1))
     reveal = fc.LinearKappa().reveal_prob(grid[:-1], grid[1:]).sum().item()  # expected insertions per unit rate
     for w in (0.0, 1.0, 2.0, 5.0):
         seen.clear()
-        out = fc.generate(model, 400, (1, 1, 1), steps=8, start=fc.make_start("i2v", frames), rate_guidance=w,
-                          max_frames=1000, generator=gen(0))
+        out = fc.generate(model, 400, (1, 1, 1), steps=8, rate_guidance=w, max_frames=1000, generator=gen(0), **given)
         if w == 1:
             assert all(all(s) for s in seen) and out[0].nfe == len(seen)  # no unconditional pass
         # log lam = w 0.2 + (1 - w)(-0.2): Poisson(lam p_k) insertions per step right of the start frame
         mean_new = reveal * math.exp(0.4 * w - 0.2)
-        assert abs(_lengths(out).double().mean().item() - 2 - mean_new) <= 5 * math.sqrt(mean_new / 400), w
+        assert abs(_lengths(out).double().mean().item() - 1 - slot - mean_new) <= 5 * math.sqrt(mean_new / 400), w
     for s_cfg in (0.0, 1.0, 3.0):
         seen.clear()
-        out = fc.generate(model, 400, (1, 1, 1), steps=8, start=fc.make_start("i2v", frames), cfg_scale=s_cfg, generator=gen(1))
+        out = fc.generate(model, 400, (1, 1, 1), steps=8, cfg_scale=s_cfg, generator=gen(1), **given)
         gen_frames = torch.cat([s.frames[~s.context] for s in out]).flatten()
         # x_1 = x_0 + integral of v over t in [0, 1], v = v_u + s (v_c - v_u) = 2 s - 1, x_0 ~ N(0, 1)
         assert abs(gen_frames.mean().item() - (2 * s_cfg - 1)) <= 5 / math.sqrt(len(gen_frames))
         assert max(s.nfe for s in out) == len(seen) * (1 if s_cfg == 1 else 2)  # a guided step costs two evaluations
+        half = len(seen[0]) // 2  # guided: the conditional pass, then the unconditional one
+        assert s_cfg == 1 or all(all(s[:half]) and not any(s[half:]) for s in seen)
 
 
 @given(st.floats(0.3, 3.0), st.integers(5, 40), st.integers(0, 2**16))
@@ -806,6 +811,35 @@ def test_model_shapes_and_padding_invariance(window):
     assert (v[mask].std() > 1e-3) and (log_lam[mask].std() > 1e-4)  # the invariance is not trivial
 
 
+def test_the_prompt_reaches_every_frame_and_the_rate_padding_changes_nothing_and_dropped_is_empty():
+    """Prompt tokens join their video's attention and their mean its conditioning: another prompt changes the
+    velocity and the rate (the rate token reads it); padded prompt tokens, whatever they hold, change nothing;
+    a dropped prompt (conditioning dropout) is the empty prompt, which is no prompt at all."""
+    cfg = fc.Config(**{**vars(SMALL), "prompt_dim": 5})
+    model = _randomised(cfg)
+    x, t, mask, cond = _model_inputs(3, 4, cfg)
+    prompt, other = torch.randn(2, 3, 2, 5, generator=gen(1))
+    real = torch.zeros(3, 2, dtype=torch.long)
+    v, log_lam = model(x, t, mask, cond, prompt=prompt, prompt_video=real)
+    v2, log_lam2 = model(x, t, mask, cond, prompt=other, prompt_video=real)
+    assert (log_lam2 - log_lam)[mask].abs().min() > 1e-4 and (v2 - v)[mask].abs().amax(dim=(1, 2, 3)).min() > 1e-4
+    padded = torch.cat([prompt, 1e3 * torch.randn(3, 4, 5, generator=gen(2))], dim=1)  # 4 padding tokens
+    v3, log_lam3 = model(x, t, mask, cond, prompt=padded, prompt_video=nnf.pad(real, (0, 4), value=-1))
+    assert torch.allclose(v3[mask], v[mask], atol=1e-5) and torch.allclose(log_lam3[mask], log_lam[mask], atol=1e-5)
+    lengths = mask.sum(1)
+    state = fc.sample_training_state(lengths, generator=gen(3))
+    x_1 = torch.randn(3, int(lengths.max()), cfg.channels, cfg.height, cfg.width, generator=gen(4))
+    batch = fc.make_training_batch(x_1, state, gen(5), 0.5, prompt, torch.ones(3, 2, dtype=torch.bool))
+    dropped = (batch.prompt_video < 0).all(dim=1)
+    assert 0 < dropped.sum() < 3  # at seed 5: some dropped, some kept
+    args = (batch.x_t, batch.t, batch.mask, batch.cond)
+    v4, log_lam4 = model(*args, prompt=batch.prompt, prompt_video=batch.prompt_video)
+    v5, log_lam5 = model(*args)  # the empty prompt
+    m = batch.mask & dropped[:, None]
+    assert torch.allclose(v4[m], v5[m], atol=1e-6) and torch.allclose(log_lam4[m], log_lam5[m], atol=1e-6)
+    assert (log_lam4 - log_lam5)[batch.mask & ~dropped[:, None]].abs().min() > 1e-4
+
+
 def test_model_is_equivariant_to_batch_permutation():
     model = _randomised(SMALL)
     x, t, mask, cond = _model_inputs(5, 4)
@@ -864,7 +898,7 @@ def test_dit_block_is_the_adaln_zero_formula():
     allowed |= torch.eye(F * L1, dtype=torch.bool)
     angles = fc.rope_angles(pos, fc.Config(dim=D, heads=heads, height=2, width=2, patch=(1, 1), rope_frame_base=1e4))
     with torch.no_grad():
-        out = block(x, c, angles.cos()[:, None], angles.sin()[:, None], allowed[:, None])
+        out, _ = block(x, c, angles.cos()[:, None], angles.sin()[:, None], allowed[:, None])
         b1, s1, g1, b2, s2, g2 = (nnf.silu(c) @ block.adaLN_modulation[1].weight.T
                                   + block.adaLN_modulation[1].bias)[:, :, None].chunk(6, dim=-1)  # (B, F, 1, D) each
         ln = lambda z: nnf.layer_norm(z, (D,), eps=1e-6)  # noqa: E731
@@ -983,12 +1017,14 @@ def test_rate_loss_value_and_gradient_at_extreme_rates(log_lam):
     assert torch.allclose(x.grad.double(), (lam - K.double()) / 4, rtol=1e-6, atol=0)
 
 
-def _training_batch(lengths, cfg=SMALL, seed=0, tasks="uncond:1,i2v:1,interp:1,extend:1"):
+def _training_batch(lengths, cfg=SMALL, seed=0, tasks="uncond:1,i2v:1,interp:1,extend:1", cond_dropout=0.0):
+    """A batch of random videos; with cfg.prompt_dim, prompts of 0 to 5 random tokens."""
     g, lengths = gen(seed), torch.tensor(lengths)
     x_1 = torch.randn(len(lengths), int(lengths.max()), cfg.channels, cfg.height, cfg.width, generator=g)
     context, passive = fc.sample_context(lengths, tasks, g)
     state = fc.sample_training_state(lengths, n_start=1, generator=g, context=context, passive=passive)
-    return fc.make_training_batch(x_1, state, generator=g)
+    prompts = [torch.randn(int(n), cfg.prompt_dim, generator=g) for n in torch.randint(0, 6, (len(lengths),), generator=g)]
+    return fc.make_training_batch(x_1, state, g, cond_dropout, *fc.pad_prompts(prompts, cfg.prompt_dim))
 
 
 @settings(max_examples=50, deadline=None)
@@ -996,7 +1032,7 @@ def _training_batch(lengths, cfg=SMALL, seed=0, tasks="uncond:1,i2v:1,interp:1,e
 def test_packing_moves_every_frame_once_into_first_fit_rows(lengths, capacity, seed):
     """pack_batch is a placement of frames: each video lands whole, in order, in one row; every field
     travels with its frame; padding is inert; and no two rows could have been one (first fit)."""
-    batch = _training_batch(lengths, seed=seed)
+    batch = _training_batch(lengths, fc.Config(**{**vars(SMALL), "prompt_dim": 3}), seed=seed)
     packed = train.pack_batch(batch, capacity)
     m = batch.mask.sum(dim=1)
     cap = max(capacity, int(m.max()))
@@ -1008,18 +1044,21 @@ def test_packing_moves_every_frame_once_into_first_fit_rows(lengths, capacity, s
         assert len(set(r.tolist())) == 1 and torch.equal(f, f[0] + torch.arange(int(m[b])))
         assert torch.equal(packed.position[r, f], torch.arange(int(m[b])))
         for k, v in vars(batch).items():
-            if k not in ("video", "position"):
+            if k not in ("video", "position", "prompt", "prompt_video"):
                 assert torch.equal(getattr(packed, k)[r, f], v[b, : int(m[b])]), k
+        # its prompt tokens, in order, in its row only
+        assert torch.equal(packed.prompt[r[0]][packed.prompt_video[r[0]] == b], batch.prompt[b][batch.prompt_video[b] >= 0])
+        assert int((packed.prompt_video == b).sum()) == int((batch.prompt_video[b] >= 0).sum())
     pad = ~packed.mask
     assert not (packed.active[pad].any() or packed.can_insert[pad].any() or packed.K[pad].any())
 
 
-@pytest.mark.parametrize("window, count_embedding", [(0, True), (1, False)])
-def test_packed_rows_give_the_padded_outputs_losses_and_gradients(window, count_embedding):
+@pytest.mark.parametrize("window, count_embedding, prompt_dim", [(0, True, 0), (1, False, 5), (0, True, 5)])
+def test_packed_rows_give_the_padded_outputs_losses_and_gradients(window, count_embedding, prompt_dim):
     """Seven videos packed into rows of 8 frames: every frame's velocity and rate, both losses and every
     gradient equal those of the padded batch (one video per row). Attention stays within a video (and
-    its window), RoPE positions and the count embedding are per video."""
-    cfg = fc.Config(**{**vars(SMALL), "window": window, "count_embedding": count_embedding})
+    its window), RoPE positions, the count embedding and the prompt (tokens and mean) are per video."""
+    cfg = fc.Config(**{**vars(SMALL), "window": window, "count_embedding": count_embedding, "prompt_dim": prompt_dim})
     model = _randomised(cfg).train()
     padded = _training_batch([8, 3, 5, 4, 7, 3, 6], cfg, seed=1)
     packed = train.pack_batch(padded, 8)
@@ -1027,7 +1066,7 @@ def test_packed_rows_give_the_padded_outputs_losses_and_gradients(window, count_
     out = []
     for b in (padded, packed):
         model.zero_grad()
-        v, log_lam = model(b.x_t, b.t, b.mask, b.cond, b.video, b.position)
+        v, log_lam = model(b.x_t, b.t, b.mask, b.cond, b.video, b.position, None, b.prompt, b.prompt_video)
         losses = torch.stack([fc.velocity_loss(v, b), fc.rate_loss(log_lam, b)])
         losses.sum().backward()
         frames = torch.cat([(b.video == i) & b.mask if b is packed else (torch.arange(7)[:, None] == i) & b.mask
@@ -1054,6 +1093,8 @@ def test_adaln_zero_start():
 
 
 def test_taichi256_on_meta_device():
+    """taichi256 is the official FlowceptionV1 at 38 x 1536 (2,089,529,985 parameters) within 1%: its block
+    part by part (attention, SwiGLU, two-layer adaLN, the prompt's adaLN), a projector from T5-XXL's 4096."""
     cfg = fc.PRESETS["taichi256"]
     with torch.device("meta"):
         model = fc.build_model(cfg)
@@ -1061,9 +1102,13 @@ def test_taichi256_on_meta_device():
            (38, 1536, 24, 64, (1, 1), 128, 8, 8)
     n = sum(p.numel() for p in model.parameters())
     assert all(p.is_meta for p in model.parameters())
-    D = cfg.dim  # a plain adaLN-Zero block holds 18 D^2 weights: qkv + proj 4, MLP 8, adaLN 6
-    assert abs(n - 38 * 18 * D * D) / n < 0.01
-    assert n == 1_627_827_073  # the number the README quotes
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    D, block = cfg.dim, model.blocks[0]
+    official = {"attn": 9_443_456, "mlp": 18_874_368, "adaLN_modulation": 16_527_360, "prompt_modulation": 9_444_864}
+    assert {k: count(getattr(block, k)) for k in official} == official  # the official block's parts
+    assert count(block.mlp) == 3 * D * 4096 and count(model.prompt_projector) == 4096 * D + 2 * D + D * D + D
+    assert abs(n - 2_089_529_985) / 2_089_529_985 < 0.01
+    assert n == 2_084_865_409  # the number the README quotes
     with torch.device("meta"):
         paper = fc.build_model(fc.Config(**{**vars(cfg), "count_embedding": False}))
     count_embedder = (256 * D + D) + (D * D + D)  # its two linear layers
@@ -1141,19 +1186,21 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys):
 
 @pytest.mark.parametrize("count_embedding", [True, False])
 @pytest.mark.parametrize("frames", [1, 5])
-def test_forward_flops_match_the_flop_counter(frames, count_embedding):
-    """Every matmul the model runs on an unpadded video is in forward_flops; torch's FlopCounterMode does
-    not count CPU attention, whose two matmuls are 4 * D FLOPs per query-key pair by definition."""
+@pytest.mark.parametrize("block, prompt", [("dit", 0), ("v1", 3)])
+def test_forward_flops_match_the_flop_counter(frames, count_embedding, block, prompt):
+    """Every matmul the model runs on an unpadded video (and its prompt) is in forward_flops; torch's
+    FlopCounterMode does not count CPU attention, whose two matmuls are 4 * D FLOPs per query-key pair."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = fc.Config(**{**vars(SMALL), "count_embedding": count_embedding})
+    cfg = fc.Config(**{**vars(SMALL), "count_embedding": count_embedding, "block": block, "prompt_dim": 6})
     model = fc.build_model(cfg)
     x = torch.randn(1, frames, cfg.channels, cfg.height, cfg.width)
     with FlopCounterMode(display=False) as counter:
-        model(x, torch.rand(1, frames), torch.ones(1, frames, dtype=torch.bool), torch.zeros_like(x))
+        model(x, torch.rand(1, frames), torch.ones(1, frames, dtype=torch.bool), torch.zeros_like(x),
+              prompt=torch.randn(1, prompt, 6))
     L1 = (cfg.height // cfg.patch[0]) * (cfg.width // cfg.patch[1]) + 1
-    attention = 4 * cfg.depth * cfg.dim * (frames * L1) ** 2
-    assert counter.get_total_flops() + attention == fc.forward_flops(cfg, frames)
+    attention = 4 * cfg.depth * cfg.dim * (frames * L1 + prompt) ** 2
+    assert counter.get_total_flops() + attention == fc.forward_flops(cfg, frames, prompt=prompt)
     windowed = fc.forward_flops(fc.Config(**{**vars(cfg), "window": 1}), frames)
     assert windowed == fc.forward_flops(cfg, frames) - 4 * cfg.depth * cfg.dim * L1**2 * max(frames - 2, 0) * (frames - 1)
 
@@ -1457,6 +1504,23 @@ def _tiny_vae(seed=0, timestep_conditioning=False):
     return vae.eval()
 
 
+def _tiny_t5(folder, seed=0, d_ff=16):
+    """A randomly initialised T5 encoder (width 8) and a word-level tokenizer that ends every text with </s>,
+    saved in LTX-Video's layout (text_encoder/, tokenizer/) for offline tests of the caption path."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "square", "circle", "moves", "left"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder / "tokenizer")
+    torch.manual_seed(seed)
+    T5EncoderModel(T5Config(vocab_size=len(words), d_model=8, d_kv=4, d_ff=d_ff, num_layers=1,
+                            num_heads=2)).save_pretrained(folder / "text_encoder")
+
+
 def _smooth_video(F, height=64, width=64, seed=0):
     """uint8 (F, 3, height, width): a moving colour gradient, which H.264 keeps almost exactly."""
     g = gen(seed)
@@ -1464,6 +1528,9 @@ def _smooth_video(F, height=64, width=64, seed=0):
     y, x = torch.linspace(0, 1, height)[:, None], torch.linspace(0, 1, width)[None, :]
     frames = [(0.5 + 0.4 * torch.sin(6 * x + 4 * y + phase + 0.2 * f))[None] * colour for f in range(F)]
     return (torch.stack(frames) * 255).round().to(torch.uint8)
+
+
+NO_TEXT = {"prompt": None, "text_encoder": None, "text_encoder_fingerprint": None}  # a latent file without caption
 
 
 def test_latent_files_ours_and_both_trainers_layouts(tmp_path):
@@ -1476,7 +1543,7 @@ def test_latent_files_ours_and_both_trainers_layouts(tmp_path):
     assert set(d) == {"latents", "num_frames", "height", "width", "fps", "vae", "vae_fingerprint"}
     assert d["latents"].shape == (4 * 3 * 2, 128)
     back, info = fc.load_latents(str(tmp_path / "ours.pt"))
-    assert torch.equal(back, z) and info == {"fps": 16.0, **vae}
+    assert torch.equal(back, z) and info == {"fps": 16.0, **vae, **NO_TEXT}
     trainer = {"latents": z.permute(1, 0, 2, 3).permute(1, 2, 3, 0).reshape(-1, 128), "num_frames": 4, "height": 3,
                "width": 2, "fps": 24.0}  # LTX-Video-Trainer packs (C, F, h, w) into (f, h, w) tokens, channels last
     torch.save(trainer, tmp_path / "video_trainer.pt")
@@ -1484,7 +1551,27 @@ def test_latent_files_ours_and_both_trainers_layouts(tmp_path):
                tmp_path / "ltx2_trainer.pt")
     for name, fps in (("video_trainer.pt", 24.0), ("ltx2_trainer.pt", 12.0)):
         back, info = fc.load_latents(str(tmp_path / name))
-        assert torch.equal(back, z) and info == {"fps": fps, "vae": None, "vae_fingerprint": None}
+        assert torch.equal(back, z) and info == {"fps": fps, "vae": None, "vae_fingerprint": None, **NO_TEXT}
+    # a caption's embeddings: ours in the latent file, LTX-Video-Trainer's in .precomputed/conditions, padded to
+    # 256 tokens with a mask (and made by LTX-Video's T5); the real tokens are the prompt
+    words, t5 = torch.randn(3, 16), {"text_encoder": "my/t5", "text_encoder_fingerprint": "fedcba9876543210"}
+    fc.save_latents(str(tmp_path / "captioned.pt"), z, fps=16, vae=vae, prompt=words, text_encoder=t5)
+    back, info = fc.load_latents(str(tmp_path / "captioned.pt"))
+    assert torch.equal(back, z) and torch.equal(info.pop("prompt"), words) and info == {"fps": 16.0, **vae, **t5}
+    precomputed = tmp_path / ".precomputed"
+    for sub in ("latents", "conditions"):
+        (precomputed / sub / "clips").mkdir(parents=True)
+    torch.save(trainer, precomputed / "latents" / "clips" / "a.mp4.pt")
+    embeds, mask = torch.randn(256, 16).bfloat16(), torch.arange(256) < 5
+    torch.save({"prompt_embeds": embeds, "prompt_attention_mask": mask}, precomputed / "conditions" / "clips" / "a.mp4.pt")
+    torch.save(trainer, precomputed / "latents" / "clips" / "b.mp4.pt")  # no caption: the empty prompt
+    clips, data_info = fc.load_latent_folder(str(precomputed), fc.Config(**{**vars(fc.PRESETS["latent_tiny"]),
+                                                                          "height": 3, "width": 2, "prompt_dim": 16}))
+    assert [len(p) for _, p in clips] == [5, 0] and torch.equal(clips[0][1], embeds[:5])
+    assert data_info["text_encoder"] == "Lightricks/LTX-Video" and data_info["text_encoder_fingerprint"] is None
+    with pytest.raises(ValueError, match="prompts in .* are 16-d embeddings, the preset's prompt_dim is 8"):
+        fc.load_latent_folder(str(precomputed), fc.Config(**{**vars(fc.PRESETS["latent_tiny"]), "height": 3,
+                                                             "width": 2, "prompt_dim": 8}))
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="bad.pt is not readable"):
         fc.load_latents(str(tmp_path / "bad.pt"))
@@ -1570,7 +1657,7 @@ def test_odd_videos_encode_train_and_sample_back_to_mp4_with_their_vae_and_fps(t
     assert [str(p.relative_to(latents / ".precomputed" / "latents")) for p in files] == ["a.MP4.pt", "a.mov.pt", "sub/b.mov.pt"]
     assert [fc.load_latents(str(p))[0].shape[0] for p in files] == [4, 6, 5]  # 1 + (F - 1) // 8
     identity = fc.vae_identity(_tiny_vae(), str(vae_dir))
-    assert all(fc.load_latents(str(p))[1] == {"fps": 24.0, **identity} for p in files)
+    assert all(fc.load_latents(str(p))[1] == {"fps": 24.0, **identity, **NO_TEXT} for p in files)
     run = tmp_path / "run"
     train.main(["--preset", "latent_tiny", "--data", str(latents), "--steps", "3", "--out", str(run), "--log-every", "1"])
     out = capsys.readouterr().out
@@ -1578,12 +1665,36 @@ def test_odd_videos_encode_train_and_sample_back_to_mp4_with_their_vae_and_fps(t
     log = _log(run)
     assert [r["step"] for r in log] == [1, 2, 3] and all(math.isfinite(r["grad_norm"]) for r in log)
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
-    assert ckpt["data"] == {"fps": 24.0, **identity} and json.load(open(run / "config.json"))["dim"] == 64
+    assert ckpt["data"] == {"fps": 24.0, **identity, "text_encoder": None, "text_encoder_fingerprint": None}
+    assert json.load(open(run / "config.json"))["dim"] == 64
     sample.main(["--ckpt", str(run / "ckpt.pt"), "--num", "3", "--steps", "4"])  # no --vae, no --fps
     saved = torch.load(run / "samples.pt", weights_only=True)
     for i, z in enumerate(saved["frames"]):  # every sample decoded one clip at a time: 1 + 8 (f - 1) frames
         frames, fps = fc.read_video(str(run / "videos" / f"sample_{i:04d}.mp4"))
         assert frames.shape == (1 + 8 * (len(z) - 1), 3, 64, 64) and fps == 24
+    # captions as the LTX trainers take them (a dataset file), embedded by a T5 in LTX-Video's layout
+    t5_dir, captioned, run_t2v = tmp_path / "t5", tmp_path / "captioned", tmp_path / "run_t2v"
+    _tiny_t5(t5_dir)
+    (videos / "dataset.jsonl").write_text('{"media_path": "a.MP4", "caption": "a red square moves left"}\n'
+                                          '{"media_path": "sub/b.mov", "caption": ""}\n')
+    train.main(["--encode-videos", str(videos / "dataset.jsonl"), "--out", str(captioned), "--vae", str(vae_dir),
+                "--text-encoder", str(t5_dir), "--preset", "latent_tiny", "--device", "cpu"])
+    assert "encoded 2 of 2 videos" in capsys.readouterr().out
+    expected = fc.encode_text(fc.load_text_encoder(str(t5_dir)), ["a red square moves left"])[0]  # 5 words, </s>
+    prompts = [fc.load_latents(str(captioned / name))[1]["prompt"] for name in ("a.MP4.pt", "sub/b.mov.pt")]
+    assert expected.shape == (6, 8) and torch.equal(prompts[0], expected) and prompts[1].shape == (0, 8)
+    train.main(["--preset", "latent_tiny", "--data", str(captioned), "--prompt-dim", "8", "--steps", "3", "--out", str(run_t2v)])
+    assert "2 clips" in capsys.readouterr().out and fc.load_checkpoint(str(run_t2v / "ckpt.pt"))[1].prompt_dim == 8
+    frames = []
+    for prompt in (["--prompt", "a blue circle"], []):  # the same seed: the prompt is what differs
+        sample.main(["--ckpt", str(run_t2v / "ckpt.pt"), "--num", "2", "--steps", "3", *prompt])
+        frames.append(torch.load(run_t2v / "samples.pt", weights_only=True)["frames"])
+    assert len(list((run_t2v / "videos").glob("*.mp4"))) == 2 and not torch.equal(frames[0][0], frames[1][0])
+    _tiny_t5(t5_dir, d_ff=32)  # another encoder where the checkpoint's was
+    code, _ = _run_cli(sample.main, ["--ckpt", str(run_t2v / "ckpt.pt"), "--num", "1", "--prompt", "a"], capsys)
+    _one_line_error(code, f"the text encoder at {t5_dir}", "is not the one that made the training prompts")
+    code, _ = _run_cli(sample.main, ["--ckpt", str(run / "ckpt.pt"), "--num", "1", "--prompt", "a"], capsys)
+    _one_line_error(code, "was trained without prompts")
     other = tmp_path / "other_vae"
     _tiny_vae(seed=1).save_pretrained(other)
     code, _ = _run_cli(sample.main, ["--ckpt", str(run / "ckpt.pt"), "--num", "1", "--vae", str(other)], capsys)

@@ -5,13 +5,16 @@ A video has n frames, n uniform over LENGTHS; a frame is (C, H, W) = (3, 1, 3): 
 ONE turn per clip, so the speed of the motion tells the length. The outer pixels are the two ends of a
 colour gradient between a and b that turns around a ring through them: left_f = a + (b - a)(1 + cos
 phi_f) / 2, right_f = a + (b - a)(1 - cos phi_f) / 2. The middle pixel is grey, g_0 before frame j and
-g_1 from it on (j ~ U{1..n-1}, g_0, g_1 ~ U(-1, 1)): one jump. Batches are zero-padded to 30 frames."""
+g_1 from it on (j ~ U{1..n-1}, g_0, g_1 ~ U(-1, 1)): one jump. Batches are zero-padded to 30 frames.
+Captions, for text-to-video: the length and the jump's direction, '25 frames, jumps up', in WORDS."""
 import math
 
 import torch
 
 LENGTHS = (15, 20, 25, 30)
 FRAME_SHAPE = (3, 1, 3)  # (C, H, W)
+WORDS = (*map(str, LENGTHS), "frames", "jumps", "up", "down")  # the captions' vocabulary
+EMBED_DIM = 16  # the width of embed_caption's vectors: a toy preset's prompt_dim
 
 
 def length_probs():
@@ -37,6 +40,37 @@ def sample_toy_videos(batch_size, generator=None):
     videos = torch.stack([left, middle, right], dim=-1)[:, :, :, None, :]  # (B, F, C=3, H=1, W=3)
     valid = f < lengths[:, None]  # (B, F)
     return videos * valid[:, :, None, None, None], lengths
+
+
+def jumps_up(video):
+    """Whether the grey middle pixel of a toy video (F, 3, 1, 3) ends above where it starts."""
+    return bool(video[-1, 0, 0, 1] > video[0, 0, 0, 1])
+
+
+def caption(video, generator=None):
+    """A caption of a toy video (F, 3, 1, 3) that says its length ('25 frames'), its jump ('jumps up'), both
+    or neither (the empty prompt), each part with probability 1/2: every prompt a user may give is trained."""
+    parts = [f"{len(video)} frames", "jumps " + ("up" if jumps_up(video) else "down")]
+    return ", ".join(part for part, say in zip(parts, torch.rand(2, generator=generator) < 0.5) if say)
+
+
+def embed_caption(text):
+    """A caption -> (words, EMBED_DIM): a fixed random vector per word, the toy's frozen text encoder."""
+    words = text.replace(",", " ").split()
+    if set(words) - set(WORDS):
+        raise ValueError(f"the toy's prompts use the words {' '.join(WORDS)}, not {' '.join(set(words) - set(WORDS))}")
+    table = torch.randn(len(WORDS), EMBED_DIM, generator=torch.Generator().manual_seed(0))
+    return table[[WORDS.index(w) for w in words]]
+
+
+def follows(text, videos):
+    """The share of toy videos that do what a caption asks: a length within +-1 of it, the jump's direction."""
+    words, out = text.replace(",", " ").split(), {}
+    for n in (w for w in words if w.isdigit()):
+        out[f"within +-1 of {n} frames"] = sum(abs(len(v) - int(n)) <= 1 for v in videos) / len(videos)
+    for way in (w for w in words if w in ("up", "down")):
+        out[f"jumps {way}"] = sum(jumps_up(v) == (way == "up") for v in videos) / len(videos)
+    return out
 
 
 def length_metrics(lengths):

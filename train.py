@@ -6,6 +6,7 @@ processes x k micro-batches compute exactly one process's loss and gradient."""
 import argparse
 import contextlib
 import copy
+import csv
 import dataclasses
 import datetime
 import gc
@@ -41,8 +42,10 @@ def parse_args(argv=None):
     arg("--device", help="cpu, cuda, cuda:1... (default: cuda when there is a GPU)")
     arg("--timeout", type=float, default=10, help="minutes to wait for a stalled process (a 26 GB save fits)")
     arg("--data", help="toy; synthetic (random clips: speed, memory); or a folder of latent files")
-    arg("--encode-videos", metavar="DIR", help="instead: encode the videos of DIR into latent files in --out")
+    arg("--encode-videos", metavar="SRC", help="instead: encode into latent files in --out the videos of a folder, "
+        "or those of an LTX trainers' dataset file (.csv, .json, .jsonl: media_path, caption) with their captions")
     arg("--vae", default="Lightricks/LTX-Video-0.9.5", help="hub id or folder of the LTX VAE (diffusers)")
+    arg("--text-encoder", default="Lightricks/LTX-Video", help="hub id or folder of the captions' T5 encoder")
     arg("--steps", type=int, help="optimizer steps")
     arg("--batch-size", type=int, help="videos per optimizer step, over all processes")
     arg("--grad-accum", type=int, help="micro-batches per process and step")
@@ -57,6 +60,7 @@ def parse_args(argv=None):
     arg("--dim", type=int, help="model width")
     arg("--depth", type=int, help="DiT blocks")
     arg("--heads", type=int, help="attention heads")
+    arg("--prompt-dim", type=int, help="width of the prompts' embeddings (0: no prompt)")
     arg("--rope", choices=fc.ROPES, help="RoPE over (frame, row, column): axial, or videorope (the paper's)")
     arg("--window", type=int, help="attention within +-window frames (0: the whole video)")
     arg("--count-embedding", action=flag, help="embed the frame count (ours; the paper has none)")
@@ -78,7 +82,8 @@ def make_config(args, base=None):
     """The preset (or a resumed run's config) with every flag given applied; fc.Config checks the values."""
     base = base or fc.PRESETS[args.preset]
     given = {k: v for k in vars(base) if (v := getattr(args, k, None)) is not None}  # the flags given
-    shape = ("channels", "height", "width", "patch", "dim", "depth", "heads", "mlp_ratio", "count_embedding")
+    shape = ("channels", "height", "width", "patch", "dim", "depth", "heads", "mlp_ratio", "count_embedding",
+             "prompt_dim")
     changed = [k for k in (*shape, "seed") if k in given and given[k] != getattr(base, k)]
     if args.resume and changed:  # the seed: a resumed run's weights and data stream are the checkpoint's
         raise ValueError(f"cannot resume with a different model shape or seed: {', '.join(changed)}")
@@ -168,17 +173,35 @@ def log_rows(path, last):
     return rows
 
 
-def encode_videos(src, out, vae_name, device, cfg):
-    """Every video of src -> out/<its path>.pt: its first 1 + 8 (max_frames - 1) frames, the preset's size."""
+def read_dataset(path):
+    """An LTX trainers' dataset file: CSV, JSON (a list) or JSONL rows, each a caption and a media_path (LTX-2's
+    trainer: or video), relative to the file's folder -> {video path: caption}."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f)) if path.endswith(".csv") else \
+                [json.loads(line) for line in f if line.strip()] if path.endswith(".jsonl") else json.load(f)
+        return {os.path.join(os.path.dirname(path), r.get("media_path") or r["video"]): r.get("caption") or ""
+                for r in rows}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, not rows, no media_path
+        raise ValueError(f"{path} is not a dataset file of rows with a media_path and a caption ({fc.why(e)})") from None
+
+
+def encode_videos(src, out, device, cfg, vae_name, text_encoder_name):
+    """Every video of a folder, or of a dataset file with its caption -> out/<its path>.pt: its first
+    1 + 8 (max_frames - 1) frames at the preset's size, and its caption's T5 embeddings (fc.encode_text)."""
     if world_size > 1 or cfg.data != "latents":
         raise ValueError("--encode-videos runs in one process (not under torchrun), for a latent preset ("
                          + ", ".join(name for name, c in fc.PRESETS.items() if c.data == "latents") + ")")
-    videos = sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs
-                    if os.path.splitext(f)[1].lower() in fc.VIDEO_FILES)
+    captions = read_dataset(src) if os.path.isfile(src) else {}
+    root = os.path.dirname(src) if os.path.isfile(src) else src
+    videos = sorted(captions) if captions else sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs
+                                                      if os.path.splitext(f)[1].lower() in fc.VIDEO_FILES)
     if not videos:
         raise ValueError(f"no videos ({' '.join(fc.VIDEO_FILES)}) in {src}")
     vae = fc.load_vae(vae_name, device)
     identity = fc.vae_identity(vae, vae_name)
+    text = fc.load_text_encoder(text_encoder_name, device) if any(captions.values()) else None
+    text_identity = fc.identity("text_encoder", text[1], text_encoder_name) if text else None
     size = (cfg.height * fc.LTX_SPATIAL, cfg.width * fc.LTX_SPATIAL)
     failed = 0
     for path in tqdm(videos, desc="encoding"):
@@ -191,25 +214,34 @@ def encode_videos(src, out, vae_name, device, cfg):
             failed += 1
             tqdm.write(f"skipped: {e}" if isinstance(e, ValueError) else f"skipped: {path} ({fc.why(e)})")
             continue
-        fc.save_latents(os.path.join(out, os.path.relpath(path, src) + ".pt"), z, fps, identity)  # a.mp4.pt
+        prompt = fc.encode_text(text, [captions[path]])[0] if text else None
+        fc.save_latents(os.path.join(out, os.path.relpath(path, root) + ".pt"), z, fps, identity, prompt,
+                        text_identity)  # a.mp4.pt
     if failed == len(videos):
         raise ValueError(f"none of the {failed} videos in {src} could be encoded (reasons above)")
     print(f"encoded {len(videos) - failed} of {len(videos)} videos into {out} ({failed} skipped), "
-          f"{size[0]}x{size[1]} px, with {identity['vae']} ({identity['vae_fingerprint']})")
+          f"{size[0]}x{size[1]} px, with {identity['vae']} ({identity['vae_fingerprint']})"
+          + (f"; captions with {text_identity['text_encoder']}" if text else ""))
 
 
 def global_batch(cfg, kappa, data_rng, clips=None):
     """The step's whole batch, built on the CPU from the shared data stream (the same on every process)."""
     # 1. clean videos, padded, and their lengths
     B, F = cfg.batch_size, cfg.max_frames
+    prompts = [torch.zeros(0, cfg.prompt_dim)] * B  # the empty prompt, (P, E) each
     if cfg.data == "toy":
         x_1, lengths = toy_data.sample_toy_videos(B, data_rng)
-    elif clips:  # latent clips, drawn with replacement, zero-padded
+        if cfg.prompt_dim:  # text-to-video: a caption of each video (toy_data.caption)
+            prompts = [toy_data.embed_caption(toy_data.caption(v[:n], data_rng)) for v, n in zip(x_1, lengths)]
+    elif clips:  # latent clips and their prompts, drawn with replacement, zero-padded
         chosen = [clips[i] for i in torch.randint(len(clips), (B,), generator=data_rng).tolist()]
-        x_1, lengths = pad_sequence(chosen, batch_first=True), torch.tensor([len(c) for c in chosen])
-    else:  # synthetic: the longest clips the preset allows
+        x_1, lengths = pad_sequence([z for z, _ in chosen], batch_first=True), torch.tensor([len(z) for z, _ in chosen])
+        prompts = [p.float() for _, p in chosen] if cfg.prompt_dim else prompts
+    else:  # synthetic: the longest clips the preset allows, prompts of 77 tokens (the official configs')
         x_1 = torch.randn(B, F, cfg.channels, cfg.height, cfg.width, generator=data_rng)
         lengths = torch.full((B,), F)
+        prompts = list(torch.randn(B, 77, cfg.prompt_dim, generator=data_rng)) if cfg.prompt_dim else prompts
+    prompt, prompt_mask = fc.pad_prompts(prompts, cfg.prompt_dim)
     # 2. each video's task (its context frames) and where each of its frames stands in extended time
     context, passive = fc.sample_context(lengths, cfg.tasks, data_rng)
     if cfg.paradigm.startswith("ar"):  # Appendix C.1: j frames given, j uniform on 0..n-1, then frame j
@@ -222,7 +254,7 @@ def global_batch(cfg, kappa, data_rng, clips=None):
     else:  # the baselines: one flow time for every frame that is not given
         state = fc.baseline_state(lengths, context, passive, data_rng)
     # 3. what the model sees: the visible frames, noised to their own times, stripped and padded
-    return fc.make_training_batch(x_1, state, generator=data_rng, cond_dropout=cfg.cond_dropout)
+    return fc.make_training_batch(x_1, state, data_rng, cfg.cond_dropout, prompt, prompt_mask)
 
 
 def pack_batch(batch, capacity):
@@ -238,17 +270,24 @@ def pack_batch(batch, capacity):
     # packed frame [r, f] is frame src_f[r, f] of video src_b[r, f]; -1: padding
     src_b = torch.full((len(rows), capacity), -1, dtype=torch.long, device=batch.mask.device)
     src_f = torch.zeros_like(src_b)
+    # and each row's prompt tokens: its videos' real ones, video by video, labelled with their video as src_b
+    P = max(int((batch.prompt_video[row] >= 0).sum()) for row in rows)
+    prompt = batch.prompt.new_zeros(len(rows), P, batch.prompt.shape[2])
+    prompt_video = torch.full((len(rows), P), -1, dtype=torch.long, device=src_b.device)
     for r, row in enumerate(rows):
         n = sum(lengths[b] for b in row)
         src_b[r, :n] = torch.tensor([b for b in row for _ in range(lengths[b])])
         src_f[r, :n] = torch.cat([torch.arange(lengths[b]) for b in row])
+        real = batch.prompt_video[row] >= 0  # (videos, P')
+        prompt[r, : int(real.sum())] = batch.prompt[row][real]
+        prompt_video[r, : int(real.sum())] = torch.tensor(row, device=real.device)[:, None].expand_as(real)[real]
 
     def move(v):  # (B, F', ...) -> (R, capacity, ...): each packed frame's source; zero (False) on padding
         real = (src_b >= 0).view(*src_b.shape, *[1] * (v.dim() - 2))
         return torch.where(real, v[src_b, src_f], torch.zeros((), dtype=v.dtype, device=v.device))
 
-    moved = {k: move(v) for k, v in vars(batch).items() if k not in ("video", "position")}
-    return fc.TrainingBatch(**moved, video=src_b, position=src_f)
+    moved = {k: move(v) for k, v in vars(batch).items() if k not in ("video", "position", "prompt", "prompt_video")}
+    return fc.TrainingBatch(**moved, video=src_b, position=src_f, prompt=prompt, prompt_video=prompt_video)
 
 
 def forward_backward(net, model, batch, cfg, device, autocast):
@@ -258,14 +297,14 @@ def forward_backward(net, model, batch, cfg, device, autocast):
     micro = torch.arange(len(batch.mask)).chunk(world_size)[rank].chunk(cfg.grad_accum)  # rows of the batch
     for i, rows in enumerate(micro):
         F = max(int(batch.mask[rows].sum(1).max()), 1)  # trimmed to its longest video
-        mb = fc.TrainingBatch(**{k: v[rows, :F] for k, v in vars(batch).items()})
+        mb = fc.TrainingBatch(**{k: v[rows] if k.startswith("prompt") else v[rows, :F] for k, v in vars(batch).items()})
         mb = pack_batch(mb, cfg.pack) if cfg.pack else mb
         mb = fc.TrainingBatch(**{k: v.to(device) for k, v in vars(mb).items()})
         last = i == len(micro) - 1  # gradients are reduced once, after the last micro-batch
         if cfg.fsdp:
             model.set_requires_gradient_sync(last)
         with autocast, (net.no_sync() if net is not model and not last else contextlib.nullcontext()):
-            v, log_lam = net(mb.x_t, mb.t, mb.mask, mb.cond, mb.video, mb.position)
+            v, log_lam = net(mb.x_t, mb.t, mb.mask, mb.cond, mb.video, mb.position, None, mb.prompt, mb.prompt_video)
             loss_v = fc.velocity_loss(v, mb, count=n_active)  # this micro-batch's share of the global means
             loss_r = fc.rate_loss(log_lam, mb, count=n_insert)
             loss = loss_v + (cfg.rate_weight if cfg.paradigm == "flowception" else 0) * loss_r
@@ -301,6 +340,8 @@ def train(args):
     if cfg.data == "toy" and (cfg.channels, cfg.height, cfg.width) != toy_data.FRAME_SHAPE:
         raise ValueError(f"--data toy has frames of {toy_data.FRAME_SHAPE}, preset {args.preset} wants "
                          f"{(cfg.channels, cfg.height, cfg.width)}")
+    if cfg.data == "toy" and cfg.prompt_dim not in (0, toy_data.EMBED_DIM):
+        raise ValueError(f"--data toy's captions are embedded in {toy_data.EMBED_DIM} dimensions, not {cfg.prompt_dim}")
     if cfg.data == "toy" and cfg.n_start > min(toy_data.LENGTHS):
         raise ValueError(f"--n-start {cfg.n_start}: the toy's shortest videos have {min(toy_data.LENGTHS)}")
     if ckpt is not None and ckpt["step"] >= cfg.steps:
@@ -318,6 +359,7 @@ def run(args, cfg, resumed, device, out):
     """Build the model (and resume it), then train: the numbered steps of the loop."""
     ckpt_path, ckpt = os.path.join(out, "ckpt.pt"), resumed.pop() if resumed else None
     clips, data_info = ([], {}) if cfg.data in ("toy", "synthetic") else fc.load_latent_folder(cfg.data, cfg)
+    data_info |= {"text_encoder": "toy"} if cfg.data == "toy" and cfg.prompt_dim else {}  # toy_data.embed_caption
     if rank == 0:  # the effective config, for the record
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump({"preset": args.preset, **dataclasses.asdict(cfg), "data_info": data_info}, f, indent=1)
@@ -362,8 +404,9 @@ def run(args, cfg, resumed, device, out):
     for step in bar:
         # 1. the global batch: clean videos, tasks, the training state, noised and stripped (Algorithm 2)
         batch = global_batch(cfg, kappa, data_rng, clips)
-        frames = batch.mask.sum(dim=1).tolist()  # each video's (one a row before packing): the useful work
-        tokens, flops = tokens + L1 * sum(frames), flops + 3 * sum(fc.forward_flops(cfg, n) for n in frames)
+        frames, prompts = batch.mask.sum(dim=1).tolist(), (batch.prompt_video >= 0).sum(dim=1).tolist()  # per video
+        tokens += L1 * sum(frames) + sum(prompts)  # the useful work: a video a row, before packing
+        flops += 3 * sum(fc.forward_flops(cfg, n, None, p) for n, p in zip(frames, prompts))
         # 2. this process's share of the losses and gradients (Eqs. 11, 12)
         opt.zero_grad(set_to_none=True)
         losses = forward_backward(net, model, batch, cfg, device, autocast)
@@ -411,8 +454,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         if args.encode_videos:
-            return encode_videos(args.encode_videos, args.out or "data/latents", args.vae,
-                                 fc.get_device(args.device), fc.PRESETS[args.preset])
+            return encode_videos(args.encode_videos, args.out or "data/latents", fc.get_device(args.device),
+                                 fc.PRESETS[args.preset], args.vae, args.text_encoder)
         train(args)
     except (ValueError, OSError, ImportError) as e:  # a user's error: one line, once (rank 0); all exit 1
         sys.exit(f"error: {e}" if rank == 0 else 1)
