@@ -234,7 +234,8 @@ def _loss_batch(K, can_insert, active=None):
                             mask=torch.ones(B, F, dtype=torch.bool), target=torch.zeros(B, F, 1, 1, 1),
                             active=active if active is not None else torch.ones(B, F, dtype=torch.bool),
                             can_insert=can_insert, K=K,
-                            video=torch.zeros(B, F, dtype=torch.long), position=torch.arange(F).expand(B, F))
+                            video=torch.zeros(B, F, dtype=torch.long), position=torch.arange(F).expand(B, F),
+                            prompt=torch.zeros(B, 0, 0), prompt_video=torch.zeros(B, 0, dtype=torch.long))
 
 
 @given(st.lists(st.integers(0, 20), min_size=2, max_size=30), st.integers(0, 2**16))
@@ -1910,7 +1911,7 @@ def test_checkpoints_of_another_version_or_with_bad_weights_are_named(tmp_path, 
              "older": ({**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k != "gamma"}}, "lacks ['gamma']"),
              "shapes": ({**ckpt, "config": {**ckpt["config"], "dim": 32}}, "model weights do not fit its config"),
              "nan": ({**ckpt, "ema": nan_ema}, "ema weights hold NaN or inf"),
-             "empty": ({**ckpt, "config": {}}, "lacks ['batch_size', 'channels',")}  # a KeyError once
+             "empty": ({**ckpt, "config": {}}, "lacks ['batch_size', 'block', 'channels',")}  # a KeyError once
     for name, (bad, words) in cases.items():
         (tmp_path / name).mkdir()
         torch.save(bad, tmp_path / name / "ckpt.pt")
