@@ -694,27 +694,17 @@ def make_start(task, frames, n_start=1):
     return Start(frames=frames, context=context.expand(B, -1).clone(), passive=passive.expand(B, -1).clone())
 
 
-def time_grid(kappa, steps, max_reveal_prob=0.1, floor=1e-4):
-    """The times 0 = tau_0 < tau_1 < ... = 1 of the sampler's steps before tau_g = 1: h = 1 / steps, or less
-    where h would reveal more than max_reveal_prob of the pending frames, then 1 once 1 - kappa < floor.
-    Algorithm 1's uniform steps reveal every pending frame at its last step, unseen: a skewed length law."""
-    kap = lambda t: float(kappa.kappa(torch.tensor(t, dtype=torch.float64)))  # noqa: E731
-    # at most `steps` steps of h, and capped steps that each shrink 1 - kappa by (1 - cap) to the floor
-    capped = math.ceil(math.log(floor) / math.log(1 - max_reveal_prob)) if max_reveal_prob < 1 else 0
-    most = steps + 2 * capped + 10
-    grid = [0.0]
-    while grid[-1] < 1:
-        assert len(grid) <= most, f"time_grid took over {most} steps: is kappa.inverse the inverse of kappa?"
-        t = grid[-1]
-        nxt = t + 1 / steps if t + 1 / steps <= 1 - 1e-9 else 1.0  # no sliver of a step from rounding
-        if max_reveal_prob < 1:
-            if 1 - kap(t) < floor:
-                nxt = 1.0
-            elif (kap(nxt) - kap(t)) / (1 - kap(t)) > max_reveal_prob:  # the cap binds: reveal exactly it,
-                target = 1 - (1 - max_reveal_prob) * (1 - kap(t))  # 1 - kappa shrinks by (1 - cap)
-                nxt = float(kappa.inverse(torch.tensor(min(target, 1.0), dtype=torch.float64)))
-        grid.append(nxt)
-    return grid
+def next_time(kappa, tau_g, pending, steps, max_reveal_prob=0.1, floor=1e-4):
+    """Each video's next global time (B,) from tau_g < 1: h = 1 / steps, or less where h would reveal more than
+    max_reveal_prob (c) of the pending frames; 1 once the model expects fewer than c^2 frames still to come
+    (pending: its sum of lam; they cost as many more steps, for an error of order c^2), or 1 - kappa < floor.
+    c = 1: Algorithm 1's uniform steps, whose last reveals every pending frame at once, unseen."""
+    k0, uniform = kappa.kappa(tau_g), torch.where(tau_g + 1 / steps > 1 - 1e-9, 1.0, tau_g + 1 / steps)
+    if max_reveal_prob >= 1:
+        return uniform
+    capped = kappa.inverse(1 - (1 - max_reveal_prob) * (1 - k0))  # 1 - kappa shrinks by 1 - c: reveals c
+    done = (1 - k0 < floor) | (pending < max_reveal_prob**2)
+    return torch.where(done, 1.0, torch.minimum(uniform, capped))
 
 
 @dataclass
@@ -728,14 +718,14 @@ class SamplerState:
     context: torch.Tensor  # (B, F)     bool, a clean context frame (never moves)
     passive: torch.Tensor  # (B, F)     bool, a context frame that may not insert to its right
     insert_time: torch.Tensor  # (B, F) the global time at which the frame was inserted (0: start frame)
-    tau_g: float  # global extended time after this step (past 1 while the last frames finish)
+    tau_g: torch.Tensor  # (B,)     each video's global extended time (past 1 while its last frames finish)
     step: int  # sampler steps so far
     refused: torch.Tensor  # (B,)       insertions refused so far by the max_frames cap
 
     @property
     def t_g(self):
         """The paper's global time t_g = clip(tau_g, 0, 1) (for callbacks)."""
-        return min(self.tau_g, 1.0)
+        return self.tau_g.clamp(max=1)
 
 
 @dataclass
@@ -764,7 +754,8 @@ def insert_frames(state, n_new, tau_g, max_frames, generator=None):
     pos = (torch.arange(F, device=x.device) + kept.cumsum(dim=1) - kept)[mask]  # where each old frame goes
 
     def move(old, new):  # old (B, F, ...) -> (B, F_new, ...): old frames to their new places, `new` elsewhere
-        new = new if torch.is_tensor(new) else torch.full((B, F_new), new, dtype=old.dtype, device=x.device)
+        if not torch.is_tensor(new) or new.ndim < 2:  # a number, or one per row (B,)
+            new = torch.as_tensor(new, dtype=old.dtype, device=x.device).view(-1, 1).expand(B, F_new).clone()
         new[rows, pos] = old[mask]
         return torch.where(mask_new.view(B, F_new, *[1] * (new.ndim - 2)), new, torch.zeros_like(new))
 
@@ -797,14 +788,14 @@ def guided_forward(model, state, rate_guidance=1.0, cfg_scale=1.0, text=None):
 def generate(model, num_videos, frame_shape, kappa=LinearKappa(), n_start=1, steps=100, sampler="poisson",
              max_reveal_prob=0.1, max_frames=64, generator=None, callback=None, device=None,
              dtype=torch.float32, start=None, rate_guidance=1.0, cfg_scale=1.0, gamma=1.0, prompt=None,
-             prompt_mask=None):
+             prompt_mask=None, after=0.64):
     """Variable-length videos (a list of Sample): Euler steps interleaved with insertions (Algorithm 1).
 
     model: any callable model(x_t, t, mask, cond) -> (v, log_lam). start: the context and start frames to
     begin from (make_start); None: n_start start frames. prompt (B, P, E), prompt_mask (B, P): the text (the
-    model's prompt_dim) each video is asked for; None: the empty prompt. The global time tau_g walks time_grid to 1
-    (max_reveal_prob = 1: Algorithm 1's uniform steps), then steps of h = 1 / steps until every frame is
-    clean. Each step, from tau_g to the next time tau', for every video at once:
+    model's prompt_dim) each video is asked for; None: the empty prompt. Each video's global time tau_g walks
+    next_time to 1 (max_reveal_prob = 1: Algorithm 1's uniform steps), then, only denoising, steps of
+    1 / (after steps) until its frames are clean. Each step, from tau_g to the next tau', for every video:
       1. one forward pass -> v, log lam (two with guidance: rate_guidance w, Eq. 13; cfg_scale s);
       2. flow (Eq. 4): x_i += (t_i' - t_i) v_i, to t_i' = clip(tau' - s_i, 0, 1)^gamma, its training time at
          tau_g = tau' (Appendix E: exact if trained with that gamma); context frames stay at t = 1;
@@ -813,7 +804,6 @@ def generate(model, num_videos, frame_shape, kappa=LinearKappa(), n_start=1, ste
          (Algorithm 1, which draws p at t_g after the update: ours is exact for the step it covers); new
          frames are N(0, I) noise with s_i = tau', t_i = 0; lam_j <= e^30, beyond any real rate."""
     assert sampler in ("poisson", "bernoulli"), sampler
-    grid = time_grid(kappa, steps, max_reveal_prob)
     device = device if device is not None else (generator.device if generator is not None else "cpu")
     B = num_videos
     if start is None:  # unconditional: n_start start frames
@@ -824,28 +814,31 @@ def generate(model, num_videos, frame_shape, kappa=LinearKappa(), n_start=1, ste
     x = torch.where(ctx[..., None, None, None], start.frames.to(device, dtype), noise)  # (B, F0, C, H, W)
     state = SamplerState(x=x, t=ctx.float(), mask=torch.ones_like(ctx), context=ctx,
                          passive=start.passive.to(device), insert_time=torch.zeros(ctx.shape, device=device),
-                         tau_g=0.0, step=0, refused=torch.zeros(B, dtype=torch.long, device=device))
+                         tau_g=torch.zeros(B, dtype=torch.float64, device=device), step=0,
+                         refused=torch.zeros(B, dtype=torch.long, device=device))
     text = None if prompt is None else dict(prompt=prompt.to(device).expand(B, -1, -1),  # (1, P, E): every video's
                                             prompt_video=torch.where(prompt_mask.to(device), 0, -1).expand(B, -1))
     guided = bool(ctx.any() or text) and (cfg_scale != 1 or rate_guidance != 1)
     nfe = torch.zeros(B, dtype=torch.long, device=device)
-    later = iter(grid[1:])
-    for _ in range(len(grid) + steps + 1):
+    capped = math.ceil(math.log(1e-4) / math.log(1 - min(max_reveal_prob, 0.5)))  # steps shrinking 1 - kappa
+    for _ in range(steps + capped + 2 + math.ceil(after * steps)):
         tau_g, unfinished = state.tau_g, ((state.t < 1) & state.mask).any(dim=1)  # (B,)
-        if tau_g >= 1 and not unfinished.any():
+        working = unfinished | (tau_g < 1)  # (B,) the videos not done yet
+        if not working.any():
             break
         v, log_lam = guided_forward(model, state, rate_guidance, cfg_scale, text)  # 1. (two with guidance)
-        nfe += (unfinished | (tau_g < 1)) * (2 if guided else 1)  # evaluations until a video is done
-        tau_next = next(later) if tau_g < 1 else tau_g + 1 / steps  # 2. flow to it, Eq. (4)
-        u = (tau_next - state.insert_time).clamp(0, 1)  # (B, F) clip(tau_i) at tau_next
+        nfe += working * (2 if guided else 1)  # evaluations until a video is done
+        lam = torch.where(state.mask & ~state.passive, log_lam.float().clamp(max=30).exp(), 0.0)  # (B, F)
+        tau_next = torch.where(tau_g < 1, next_time(kappa, tau_g, lam.double().sum(1), steps, max_reveal_prob),
+                               tau_g + 1 / (after * steps))  # 2. flow to it, Eq. (4)
+        u = (tau_next[:, None].float() - state.insert_time).clamp(0, 1)  # (B, F) clip(tau_i) at tau_next
         u = torch.where(u > 1 - 1e-6, 1.0, u)  # float slack, so that k steps of h land on 1
         t = torch.where(state.context | ~state.mask, state.t, u**gamma)  # (B, F)              Appendix E
         dt = (t - state.t)[..., None, None, None]  # 0 for frozen frames: context, finished, padded
         x = torch.where(dt > 0, state.x + dt.to(state.x.dtype) * v, state.x)  # frozen: v ignored, even NaN
         state = replace(state, x=x, t=t, tau_g=tau_next, step=state.step + 1)
-        if tau_g < 1:  # 3. insertions right of every frame that may insert (Algorithm 1, line 9)
-            p = float(kappa.reveal_prob(torch.tensor(tau_g), torch.tensor(tau_next)))
-            lam = torch.where(state.mask & ~state.passive, log_lam.float().clamp(max=30).exp(), 0.0)  # (B, F)
+        if (tau_g < 1).any():  # 3. insertions right of every frame that may insert (Algorithm 1, line 9)
+            p = torch.where(tau_g < 1, kappa.reveal_prob(tau_g, tau_next), 0.0)[:, None].float()  # (B, 1)
             if sampler == "poisson":
                 n_new = torch.poisson(lam * p, generator=generator)  # Eq. (34)
             else:

@@ -226,7 +226,7 @@ def draw_generation(model, args, cfg, path, n=4):
     width, pictures = max(int(s.mask.sum(1).max()) for s in states), []
     for s in states:
         videos = [(x[m], t[m, None].expand(-1, 3)) for x, t, m in zip(s.x.cpu(), s.t.cpu(), s.mask.cpu())]
-        img = (255 * picture(*zip(*videos), width, bar=s.tau_g / 2)).round().astype("uint8")
+        img = (255 * picture(*zip(*videos), width, bar=float(s.tau_g.min()) / 2)).round().astype("uint8")
         pictures.append(Image.fromarray(img).resize((16 * width, 16 * len(img)), Image.NEAREST))
     gif = dict(format="GIF", save_all=True, append_images=pictures[1:], duration=80, loop=0)
     fc.write_atomically(path, lambda f: pictures[0].save(f, **gif))

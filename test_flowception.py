@@ -335,35 +335,43 @@ def _lengths(out):
 def test_sampled_time_marginals_match_training(ns_ws, k, n_start, grid, seed):
     """generate + the exact oracle visits, at each global time t_g, the states the training law draws.
 
-    Visible counts at t_g follow sum_n P(n) Binom(m - n_start; n - n_start, kappa(t_g)); the recorded
-    insertion times fall into the grid cells (t_k, t_k+1] with probability
-    (kappa(t_k+1) - kappa(t_k)) / kappa(t_g). Tolerance: 4x the sampling noise + 1.5 h (Euler-type
-    error of a rate held constant over a step; measured about 0.8 h).
+    Each video walks its own times, and its frames appear only at them: at a target t_g its visible count is
+    the count after its last step ending by then, which follows sum_n P(n) Binom(m - n_start; n - n_start,
+    kappa(t_g)); a frame inserted at the step (a, b] was revealed in it with probability (kappa(b) -
+    kappa(a)) / kappa(t'), t' that video's last time by t_g (t_g itself if its next step goes to 1: nothing
+    is pending): kappa at a uniform point of the step, over kappa(t'), is U(0, 1). Tolerance: 4x the sampling noise + 1.5 h (Euler-type error of a rate held
+    constant over a step; measured about 0.8 h).
     """
     steps, cap = grid
     ns = [max(n, n_start) for n in ns_ws[0]]
     P = _law((ns, ns_ws[1]))
-    N, seen = 3000, {}
+    N, taus, counts, born = 3000, [torch.zeros(3000, dtype=torch.float64)], [], []
 
-    def record(state):
-        for target in (0.3, 0.7):
-            if target not in seen and state.tau_g >= target:
-                seen[target] = (state.tau_g, state.mask.sum(1), state.insert_time[state.mask & (state.insert_time > 0)])
+    def record(state):  # every video's time and count after each step, and the frames inserted at it
+        new = (state.mask & (state.t == 0) & (state.insert_time > 0)).nonzero()[:, 0]  # a row per new frame
+        step = torch.full_like(new, len(taus)).double()
+        born.append(torch.stack([new.double(), taus[-1][new], state.tau_g[new], step], 1))
+        taus.append(state.tau_g.clone())
+        counts.append(state.mask.sum(1))
 
     fc.generate(PosteriorMeanOracle(P, k, n_start), N, (1, 1, 1), kappa=k, n_start=n_start, steps=steps,
                 max_reveal_prob=cap, callback=record, generator=gen(seed))
-    grid_t = torch.tensor(fc.time_grid(k, steps, cap), dtype=torch.float64)
-    for t_g, m, ins in seen.values():
-        law = visible_count_law(P, k, n_start, t_g, 26)
+    tau, counts, born, rows = torch.stack(taus[1:]), torch.stack(counts), torch.cat(born), torch.arange(N)
+    for target in (0.3, 0.7):
+        step = (tau <= target).sum(0)  # (N,) the steps each video has ended by the target
+        before = (step - 1).clamp(min=0)
+        m = torch.where(step > 0, counts[before, rows], n_start)  # (N,) its count at the target
+        last = torch.where(step > 0, tau[before, rows], 0.0)  # (N,) its last time by the target
+        last = torch.where(tau[step.clamp(max=len(tau) - 1), rows] >= 1, target, last)  # its next: to 1
+        law = visible_count_law(P, k, n_start, target, 26)
         assert tv(histogram(m, 26), law) <= 4 * tv_noise(law, N) + 1.5 / steps
+        ins = born[born[:, 3] <= step[born[:, 0].long()]]  # the frames inserted by then
         if len(ins) > 200:
-            nearest = lambda v: (grid_t[None] - v.double()[:, None]).abs().argmin(1)  # noqa: E731  grid point index
-            cells = nearest(ins)  # the grid point that ends the step in which the frame was inserted
-            kg = k.kappa(grid_t.clamp(0, 1))
-            n_cells = int(nearest(torch.tensor([t_g]))) + 1
-            cell_law = (kg[1:n_cells] - kg[: n_cells - 1]) / kg[n_cells - 1]
-            emp = histogram(cells - 1, n_cells - 1)
-            assert tv(emp, cell_law) <= 4 * tv_noise(cell_law, len(ins)) + 1.5 / steps
+            a, b = k.kappa(ins[:, 1]), k.kappa(ins[:, 2])
+            noise = torch.rand(len(ins), generator=gen(seed), dtype=torch.float64)
+            u = (a + noise * (b - a)) / k.kappa(last[ins[:, 0].long()])
+            uniform = torch.full((10,), 0.1, dtype=torch.double)
+            assert tv(histogram((u * 10).long().clamp(0, 9), 10), uniform) <= 4 * tv_noise(uniform, len(ins)) + 1.5 / steps
 
 
 @given(length_laws, kappas, st.integers(0, 2**16))
@@ -396,18 +404,30 @@ def test_bernoulli_is_worse_than_poisson_on_a_coarse_grid():
     assert bernoulli >= poisson + 0.05
 
 
+def _grid(k, steps, cap, pending=1.0):
+    """The global times a video walks to 1 while the model's pending frames (sum of lam) stay at `pending`."""
+    g = [torch.zeros(1, dtype=torch.float64)]
+    while g[-1] < 1:
+        g.append(fc.next_time(k, g[-1], torch.tensor([pending], dtype=torch.float64), steps, cap))
+    return torch.cat(g)
+
+
 def test_max_reveal_prob_one_is_algorithm_1_grid():
-    for steps in (1, 7, 100):
-        assert fc.time_grid(fc.LinearKappa(), steps, 1.0) == pytest.approx([i / steps for i in range(steps + 1)], abs=1e-12)
+    for steps, pending in ((1, 1.0), (7, 30.0), (100, 0.0)):
+        assert _grid(fc.LinearKappa(), steps, 1.0, pending).tolist() == pytest.approx([i / steps for i in range(steps + 1)], abs=1e-12)
 
 
-@given(kappas, st.integers(1, 200), st.floats(0.02, 1.0))
-def test_capped_grid_never_reveals_more_than_the_cap(k, steps, cap):
-    g = torch.tensor(fc.time_grid(k, steps, cap), dtype=torch.float64)
+@given(kappas, st.integers(1, 200), st.floats(0.02, 1.0), st.floats(0.0, 30.0))
+def test_capped_grid_never_reveals_more_than_the_cap(k, steps, cap, pending):
+    """Steps of at most h that reveal at most the cap of the pending frames, then one step to 1: once 1 - kappa
+    < 1e-4, or at once where the model expects fewer than cap^2 frames still to come (cap < 1)."""
+    g = _grid(k, steps, cap, pending)
     assert g[0] == 0 and g[-1] == 1 and (g[1:] > g[:-1]).all()
-    assert ((g[1:] - g[:-1]) <= 1 / steps + 1e-9).all()
-    p = k.reveal_prob(g[:-2], g[1:-1])  # every step but the last, which goes to 1 once 1 - kappa < 1e-4
-    assert (p <= cap + 1e-9).all()
+    if cap < 1 and pending < cap**2:
+        assert g.tolist() == [0.0, 1.0]
+        return
+    assert ((g[1:-1] - g[:-2]) <= 1 / steps + 1e-9).all() and (k.reveal_prob(g[:-2], g[1:-1]) <= cap + 1e-9).all()
+    assert len(g) <= steps + math.log(1e-4) / math.log(1 - min(cap, 0.999)) + 2
 
 
 def _point_mass_model(a, log_lam=-2.0):
@@ -628,9 +648,9 @@ def test_guidance_formulas(by):
     frames = torch.full((400, 1, 1, 1, 1), 3.0)
     given = dict(start=fc.make_start("i2v", frames)) if by == "context" else \
         dict(prompt=torch.ones(1, 3, 4), prompt_mask=torch.tensor([[True, True, False]]))
-    grid = torch.tensor(fc.time_grid(fc.LinearKappa(), 8, 0.1))
-    reveal = fc.LinearKappa().reveal_prob(grid[:-1], grid[1:]).sum().item()  # expected insertions per unit rate
     for w in (0.0, 1.0, 2.0, 5.0):
+        grid = _grid(fc.LinearKappa(), 8, 0.1, math.exp(0.4 * w - 0.2))  # the start frame's rate: all there is
+        reveal = fc.LinearKappa().reveal_prob(grid[:-1], grid[1:]).sum().item()  # expected insertions per unit rate
         seen.clear()
         out = fc.generate(model, 400, (1, 1, 1), steps=8, rate_guidance=w, max_frames=1000, generator=gen(0), **given)
         if w == 1:
@@ -655,7 +675,7 @@ def test_gamma_clock(gamma, steps, seed):
     """Every frame's flow time is t = u^gamma with u = t_g - insertion time (the solver coordinate),
     and the per-frame steps add up to exactly 1: x_1 = x_0 + v for a constant v."""
     def check(state):
-        u = (state.tau_g - state.insert_time).clamp(0, 1)
+        u = (state.tau_g[:, None].float() - state.insert_time).clamp(0, 1)
         free = state.mask & ~state.context
         assert torch.allclose(state.t[free], u[free] ** gamma, atol=1e-5)
 
@@ -1746,7 +1766,7 @@ def test_table_5_sampling_flops_of_the_three_paradigms():
     cfg, T = fc.PRESETS["toy"], 10
     oracle = PosteriorMeanOracle(toy_data.length_probs())
     flow = FlopCounter(oracle, cfg)
-    out = fc.generate(flow, 32, (3, 1, 3), steps=T, max_reveal_prob=1.0, generator=gen(0))
+    out = fc.generate(flow, 32, (3, 1, 3), steps=T, max_reveal_prob=1.0, after=1.0, generator=gen(0))
     lengths = _lengths(out)
     assert 10 < sum(s.nfe for s in out) / 32 <= 20  # more evaluations than T, each over fewer frames at first
     counters = {"flowception": flow}
