@@ -28,6 +28,7 @@ import torch.nn.functional as nnf
 import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 #################################### Config #####################################
@@ -86,8 +87,8 @@ class Config:
         counts = ("channels", "height", "width", "max_frames", "dim", "depth", "heads", "n_start", "steps",
                   "batch_size", "grad_accum", "log_every")
         rules = ((">= 1", lambda x: x >= 1, counts),
-                 (">= 0", lambda x: x >= 0, ("window", "pack", "prompt_dim", "warmup", "weight_decay", "grad_clip",
-                                            "rate_weight", "ckpt_every")),
+                 (">= 0", lambda x: x >= 0, ("window", "pack", "prompt_dim", "warmup", "weight_decay",
+                                            "grad_clip", "rate_weight", "ckpt_every")),
                  ("in (0, 1e3]", lambda x: 0 < x <= 1e3, ("lr", "mlp_ratio", "gamma", "rope_delta")),
                  ("in [0, 1)", lambda x: 0 <= x < 1, ("ema_decay", "cond_dropout")))
         for rule, ok, names in rules:
@@ -104,9 +105,8 @@ class Config:
             if value not in choices:
                 raise ValueError(f"{name} {value!r} is not one of {', '.join(choices)}")
         if self.paradigm.startswith("ar") and (self.tasks != "uncond" or self.window or self.prompt_dim):
-            raise ValueError("the AR baselines draw their context (tasks 'uncond'), see all of it (window 0) and "
-                             f"take no prompt, got tasks {self.tasks!r}, window {self.window}, prompt_dim "
-                             f"{self.prompt_dim}")
+            raise ValueError(f"the AR baselines take tasks 'uncond', window 0 and no prompt, got tasks "
+                             f"{self.tasks!r}, window {self.window}, prompt_dim {self.prompt_dim}")
 
     @classmethod
     def from_dict(cls, d):
@@ -121,8 +121,9 @@ class Config:
 PRESETS = {
     # the quickstart, Appendix F's 3-pixel videos: 354,506 parameters, 5-10 min on 2 CPU cores (sweep: README)
     "toy": Config(steps=6000, batch_size=32, lr=2e-3, tau_density="late", pack=30),
-    # text-to-video on the toy: captions of the length and the jump (toy_data.caption), as embedded words
-    "toy_t2v": Config(steps=6000, batch_size=32, lr=2e-3, tau_density="late", pack=30, prompt_dim=16, cond_dropout=0.1),
+    # text-to-video on the toy: captions of the length and the jump (toy_data.caption), 431,530 parameters
+    "toy_t2v": Config(steps=6000, batch_size=32, lr=2e-3, tau_density="late", pack=30, prompt_dim=16,
+                      cond_dropout=0.1),
     # the toy at the size that learns the content: 1,933,578 parameters, 4 min on one GPU, 2 hours on 2 cores
     "toy_full": Config(dim=128, depth=6, steps=2310, batch_size=512, lr=2e-3, tau_density="late"),
     # Figure 4's tasks, cond. dropout for guidance: 9,936,650 parameters, 4 min on one GPU, 6-10 h on 2 cores
@@ -331,13 +332,10 @@ def make_training_batch(x_1, state, generator=None, cond_dropout=0.0, prompt=Non
                          position=torch.arange(mask.shape[1], device=mask.device).expand(mask.shape))
 
 
-def pad_prompts(prompts, dim):
-    """Prompts, each (P_i, E) -> (B, P, E) zero-padded and their mask (B, P) bool; (B, 0, dim) if all empty."""
-    P = max([len(p) for p in prompts] + [0])
-    out = torch.zeros(len(prompts), P, dim)
-    for b, p in enumerate(prompts):
-        out[b, : len(p)] = p
-    return out, torch.arange(P) < torch.tensor([len(p) for p in prompts], dtype=torch.long)[:, None]
+def pad_prompts(prompts):
+    """Prompts, each (P_i, E) -> (B, P, E) zero-padded and their mask (B, P) bool."""
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    return pad_sequence(prompts, batch_first=True), torch.arange(int(lengths.max())) < lengths[:, None]
 
 
 #################### Context patterns: the tasks of Figure 4 ####################
@@ -954,9 +952,9 @@ def load_latents(path, channels=None, size=None):
             z = rearrange(z, "(f h w) c -> f c h w", f=F, h=h, w=w)
         else:  # LTX-2's trainer: (C, F, h, w)
             z = z.permute(1, 0, 2, 3)
-        text = d
+        text = d  # the caption's embeddings: in d, or in the trainer's conditions/x.pt, made by LTX-Video's T5
         if conditions and os.path.isfile(conditions):
-            text = {"text_encoder": "Lightricks/LTX-Video", **torch.load(conditions, map_location="cpu", weights_only=True)}
+            text = torch.load(conditions, map_location="cpu", weights_only=True) | {"text_encoder": "Lightricks/LTX-Video"}
         prompt = text["prompt_embeds"][text["prompt_attention_mask"].bool()] if "prompt_embeds" in text else None
     except Exception as e:  # unreadable, not a dict, missing keys, inconsistent shapes
         raise ValueError(f"latent file {path} is not readable ({why(e)})") from None
@@ -969,8 +967,8 @@ def load_latents(path, channels=None, size=None):
         raise ValueError(f"latent file {path} holds NaN or inf")
     if fps is not None and not 0 < fps < math.inf:
         raise ValueError(f"latent file {path} has fps {fps}, not a positive finite number")
-    return z, {"fps": fps, **{k: d.get(k) for k in ("vae", "vae_fingerprint")}, "prompt": prompt,
-               **{k: text.get(k) if prompt is not None else None for k in ("text_encoder", "text_encoder_fingerprint")}}
+    return z, {"fps": fps, "prompt": prompt, **{k: d.get(k) for k in ("vae", "vae_fingerprint")},
+               **{k: text.get(k) for k in ("text_encoder", "text_encoder_fingerprint")}}
 
 
 def load_latent_folder(folder, cfg):
@@ -998,29 +996,33 @@ def load_latent_folder(folder, cfg):
     if not clips:
         raise ValueError(f"no clip in {folder} has {shortest} latent frames or more")
     lengths = collections.Counter(len(z) for z, _ in clips)
-    print(f"{folder}: {len(clips)} clips ({len(loaded) - len(clips)} shorter than {shortest} frames "
-          f"skipped); clips per latent length: {dict(sorted(lengths.items()))}; "
-          f"{sum(len(p) > 0 for _, p in clips)} with a prompt" + ("" if cfg.prompt_dim else " (unused: prompt_dim 0)"))
+    print(f"{folder}: {len(clips)} clips ({len(loaded) - len(clips)} shorter than {shortest} frames skipped); "
+          f"clips per latent length: {dict(sorted(lengths.items()))}; {sum(len(p) > 0 for _, p in clips)} prompts")
     if len(lengths) == 1:
         print(f"warning: every clip has {len(clips[0][0])} latent frames, the only length the model will learn "
               "(a trainer cache cuts clips to its bucket's length: encode the videos instead)")
-    encoder = encoders.pop() if encoders else (None, None)
-    return clips, dict(zip(("vae", "vae_fingerprint", "text_encoder", "text_encoder_fingerprint"), vaes.pop() + encoder),
-                       fps=loaded[0][1]["fps"])
+    names = ("vae", "vae_fingerprint", "text_encoder", "text_encoder_fingerprint")
+    return clips, dict(zip(names, vaes.pop() + (encoders.pop() if encoders else (None, None))), fps=loaded[0][1]["fps"])
+
+
+def from_pretrained(what, name_or_path, load):
+    """load(name_or_path, subfolder) of a hub id or a local folder, flat or in the hub's subfolders (vae/,
+    text_encoder/, ...); what fails is one line naming `what`."""
+    if name_or_path.startswith((os.sep, ".")) and not os.path.isdir(name_or_path):
+        raise ValueError(f"{what} folder {name_or_path} does not exist")
+    flat = os.path.isfile(os.path.join(name_or_path, "config.json"))
+    try:
+        return load(name_or_path, lambda sub: "" if flat else sub)
+    except Exception as e:  # offline without a cache, a wrong path, not that model
+        raise ValueError(f"cannot load the {what} from {name_or_path!r} ({why(e)})") from None
 
 
 def load_vae(name_or_path, device="cpu", dtype=torch.float32):
-    """diffusers' AutoencoderKLLTXVideo from a hub id or a local folder (with or without a vae/ subfolder)."""
+    """diffusers' AutoencoderKLLTXVideo from a hub id or a folder (flat, or with a vae/ subfolder)."""
     from diffusers import AutoencoderKLLTXVideo  # optional (requirements-optional.txt): imported where used
 
-    if name_or_path.startswith((os.sep, ".")) and not os.path.isdir(name_or_path):
-        raise ValueError(f"VAE folder {name_or_path} does not exist")
-    sub = None if os.path.isfile(os.path.join(name_or_path, "config.json")) else "vae"
-    try:
-        vae = AutoencoderKLLTXVideo.from_pretrained(name_or_path, subfolder=sub, torch_dtype=dtype)
-    except Exception as e:  # offline without a cache, a wrong path, not a VAE
-        raise ValueError(f"cannot load the LTX VAE from {name_or_path!r} ({why(e)})") from None
-    return vae.to(device).eval()
+    return from_pretrained("LTX VAE", name_or_path, lambda name, sub: AutoencoderKLLTXVideo.from_pretrained(
+        name, subfolder=sub("vae"), torch_dtype=dtype)).to(device).eval()
 
 
 def identity(kind, model, name, extra=b""):
@@ -1045,16 +1047,11 @@ def load_text_encoder(name_or_path, device="cpu"):
     and tokenizer/ folders, as Lightricks/LTX-Video, whose T5 is google/t5-v1_1-xxl) or both in one folder."""
     from transformers import AutoTokenizer, T5EncoderModel  # optional: imported where used
 
-    if name_or_path.startswith((os.sep, ".")) and not os.path.isdir(name_or_path):
-        raise ValueError(f"text encoder folder {name_or_path} does not exist")
-    flat = os.path.isfile(os.path.join(name_or_path, "config.json"))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="" if flat else "tokenizer")
-        encoder = T5EncoderModel.from_pretrained(name_or_path, subfolder="" if flat else "text_encoder",
-                                                 dtype=torch.bfloat16)
-    except Exception as e:  # offline without a cache, a wrong path, not a T5
-        raise ValueError(f"cannot load the T5 text encoder from {name_or_path!r} ({why(e)})") from None
-    return tokenizer, encoder.to(device, torch.bfloat16).eval()
+    def load(name, sub):
+        encoder = T5EncoderModel.from_pretrained(name, subfolder=sub("text_encoder"), dtype=torch.bfloat16)
+        return AutoTokenizer.from_pretrained(name, subfolder=sub("tokenizer")), encoder.to(device).eval()
+
+    return from_pretrained("T5 text encoder", name_or_path, load)
 
 
 @torch.no_grad()

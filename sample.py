@@ -65,7 +65,7 @@ def load_model(args):
     trained = fc.parse_tasks(cfg.tasks) | ({"i2v": 1, "extend": 1} if cfg.paradigm.startswith("ar") else {})
     if args.task != "uncond" and not trained.get(args.task):  # AR: any number of first frames is a task
         raise ValueError(f"{args.ckpt} was trained on tasks {cfg.tasks!r}, not {args.task!r} (see --tasks)")
-    if (args.rate_guidance != 1 or args.cfg != 1) and (cfg.cond_dropout == 0 or cfg.paradigm != "flowception"):
+    if (args.rate_guidance, args.cfg) != (1, 1) and (cfg.cond_dropout == 0 or cfg.paradigm != "flowception"):
         raise ValueError(f"guidance needs Flowception trained with --cond-dropout: {args.ckpt} is not")
     model = fc.build_model(cfg)
     model.load_state_dict(ckpt["ema"])
@@ -74,11 +74,10 @@ def load_model(args):
 
 
 def context_frames(args, cfg):
-    """-> context frames (N, A, C, H, W) or None, and their videos' lengths: from held-out toy videos, or a
-    latent file (--context: its first frame, first frames, or first, evenly spaced and last frames)."""
-    N = args.num
+    """-> context frames (N, A, C, H, W) or None, and their videos' lengths (held-out toy or --context)."""
     if args.task == "uncond":
         return None, None
+    N = args.num
     if args.context is not None:
         z, info = fc.load_latents(args.context, cfg.channels, (cfg.height, cfg.width))
         theirs, ours = info["vae_fingerprint"], args.data_info.get("vae_fingerprint")
@@ -93,28 +92,28 @@ def context_frames(args, cfg):
     if need > min(int(lengths.min()), args.max_frames - 1):  # and room for one start frame
         raise ValueError(f"--task {args.task} needs {need} context frames, a video has {int(lengths.min())}, "
                          f"--max-frames {args.max_frames} leaves room for {args.max_frames - 1}")
-    if args.task != "interp":
-        return videos[:, : 1 if args.task == "i2v" else args.prefix], lengths
-    index = (torch.linspace(0, 1, args.anchors + 2)[None] * (lengths[:, None] - 1)).round().long()  # (N, A)
+    if args.task != "interp":  # the first frames
+        return videos[:, :need], lengths
+    index = (torch.linspace(0, 1, need)[None] * (lengths[:, None] - 1)).round().long()  # (N, A)
     return videos[torch.arange(N)[:, None], index], lengths  # the first frame, evenly spaced ones, the last
 
 
 def encode_prompt(args, cfg):
-    """--prompt -> generate's prompt (1, P, E) and prompt_mask, embedded by the text encoder that made the
-    training prompts (the toy's words, or the T5 the checkpoint records, of the same fingerprint); {} if none."""
-    name = args.data_info.get("text_encoder")
+    """--prompt -> generate's prompt (1, P, E), prompt_mask ({} if none), by the training prompts' encoder."""
     if args.prompt is None:
         return {}
+    name, known = args.data_info.get("text_encoder"), args.data_info.get("text_encoder_fingerprint")
     if not cfg.prompt_dim or name is None:
-        raise ValueError(f"{args.ckpt} was trained without prompts, or does not say which text encoder made them")
+        raise ValueError(f"{args.ckpt} was trained without prompts, or does not say which text encoder made "
+                         "them")
     if name == "toy":
         embeds = toy_data.embed_caption(args.prompt)
     else:
         text_encoder = fc.load_text_encoder(name, args.device)
         fingerprint = fc.identity("text_encoder", text_encoder[1], name)["text_encoder_fingerprint"]
-        if args.data_info.get("text_encoder_fingerprint") not in (None, fingerprint):
-            raise ValueError(f"the text encoder at {name} ({fingerprint}) is not the one that made the training "
-                             f"prompts ({args.data_info['text_encoder_fingerprint']})")
+        if known not in (None, fingerprint):
+            raise ValueError(f"the text encoder at {name} ({fingerprint}) is not the one that made the "
+                             f"training prompts ({known})")
         embeds = fc.encode_text(text_encoder, [args.prompt])[0].float()
     return dict(prompt=embeds[None], prompt_mask=torch.ones(1, len(embeds), dtype=torch.bool))
 
@@ -215,14 +214,14 @@ def draw_videos(samples, path):
 
 
 def draw_generation(model, args, cfg, path, n=4):
-    """generation.gif: n videos as generate makes them, a picture per step: a black bar as long as tau_g (up
-    to 2), then each video's frames, 3 pixels and, under them, their time t (black: noise, white: clean)."""
+    """generation.gif: n videos, a picture per step (bar: tau_g / 2; under each frame its t, white: clean)."""
     from PIL import Image
 
-    states = []  # the sampler's state after every step
-    fc.generate(model, n, (cfg.channels, cfg.height, cfg.width), kappa=fc.KAPPAS[cfg.kappa](), steps=args.steps,
-                n_start=cfg.n_start, max_frames=args.max_frames, gamma=args.gamma, device=args.device,
-                generator=torch.Generator(args.device).manual_seed(args.seed), callback=states.append, **args.text)
+    states, shape = [], (cfg.channels, cfg.height, cfg.width)  # the sampler's state after every step
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    fc.generate(model, n, shape, kappa=fc.KAPPAS[cfg.kappa](), steps=args.steps, n_start=cfg.n_start,
+                max_frames=args.max_frames, gamma=args.gamma, device=args.device, generator=generator,
+                callback=states.append, **args.text)
     width, pictures = max(int(s.mask.sum(1).max()) for s in states), []
     for s in states:
         videos = [(x[m], t[m, None].expand(-1, 3)) for x, t, m in zip(s.x.cpu(), s.t.cpu(), s.mask.cpu())]
@@ -266,18 +265,18 @@ def main(argv=None):
         t0 = time.time()
         samples = generate_all(model, args, cfg, frames, lengths)
         lengths, nfe = torch.tensor([len(s.frames) for s in samples]), torch.tensor([s.nfe for s in samples])
-        print(f"{label}: {args.num} videos, task {args.task}, {cfg.paradigm}, {args.sampler}, {args.steps} steps, "
-              f"max_reveal_prob {args.max_reveal_prob}, guidance {args.rate_guidance}/{args.cfg}, gamma "
-              f"{args.gamma} | NFE per video {nfe.float().mean():.0f}, {time.time() - t0:.0f} s")
+        print(f"{label}: {args.num} videos, task {args.task}, {cfg.paradigm}, {args.sampler}, {args.steps} "
+              f"steps, max_reveal_prob {args.max_reveal_prob}, guidance {args.rate_guidance}/{args.cfg}, "
+              f"gamma {args.gamma} | NFE per video {nfe.float().mean():.0f}, {time.time() - t0:.0f} s")
         result = {"lengths": lengths, "insert_time": [s.insert_time for s in samples], "nfe": nfe,
                   "frames": [s.frames for s in samples], "context": [s.context for s in samples],
                   "source_lengths": source_lengths}
         fc.write_atomically(os.path.join(out, "samples.pt"), lambda f: torch.save(result, f))
-        for i, s in enumerate(tqdm(samples, desc="decoding") if vae else []):  # latents: one clip at a time
-            video = ((fc.decode_latents(vae, s.frames) + 1) * 127.5).round().to(torch.uint8)
-            path = os.path.join(out, "videos", f"sample_{i:04d}.mp4")
-            fc.write_atomically(path, lambda f: fc.write_video(f, video, args.fps))
-        if vae:
+        if vae:  # latents: mp4s, one clip at a time
+            for i, s in enumerate(tqdm(samples, desc="decoding")):
+                video = ((fc.decode_latents(vae, s.frames) + 1) * 127.5).round().to(torch.uint8)
+                path = os.path.join(out, "videos", f"sample_{i:04d}.mp4")
+                fc.write_atomically(path, lambda f: fc.write_video(f, video, args.fps))
             return print(f"wrote {args.num} mp4s at {args.fps:g} fps to {os.path.join(out, 'videos')}")
         print_histogram(lengths)
         m = result["metrics"] = toy_data.length_metrics(lengths)
@@ -288,8 +287,8 @@ def main(argv=None):
         content = " | ".join(f"{k} {q[k]:.3g} ({q['data'][k]:.3g})" for k in q["data"])  # toy_data.summary
         print(f"content (data): {content} | FD {q['fd']:.3g} (data vs data {q['fd_floor']:.3g})")
         if args.prompt:  # what the prompt asks for, done by how many
-            result["follows"] = toy_data.follows(args.prompt, result["frames"])
-            print(f"prompt {args.prompt!r}: " + " | ".join(f"{k} {v:.1%}" for k, v in result["follows"].items()))
+            follows = result["follows"] = toy_data.follows(args.prompt, result["frames"])
+            print(f"prompt {args.prompt!r}: " + " | ".join(f"{k} {v:.1%}" for k, v in follows.items()))
         fc.write_atomically(os.path.join(out, "samples.pt"), lambda f: torch.save(result, f))
         drawn = draw_videos(samples, os.path.join(out, "videos.png"))  # None without matplotlib
         if drawn and cfg.paradigm == "flowception" and args.task == "uncond":

@@ -1045,7 +1045,7 @@ def _training_batch(lengths, cfg=SMALL, seed=0, tasks="uncond:1,i2v:1,interp:1,e
     context, passive = fc.sample_context(lengths, tasks, g)
     state = fc.sample_training_state(lengths, n_start=1, generator=g, context=context, passive=passive)
     prompts = [torch.randn(int(n), cfg.prompt_dim, generator=g) for n in torch.randint(0, 6, (len(lengths),), generator=g)]
-    return fc.make_training_batch(x_1, state, g, cond_dropout, *fc.pad_prompts(prompts, cfg.prompt_dim))
+    return fc.make_training_batch(x_1, state, g, cond_dropout, *fc.pad_prompts(prompts))
 
 
 @settings(max_examples=50, deadline=None)

@@ -1,12 +1,10 @@
 """The 3-pixel toy videos of Appendix F, the length metrics of Figure 10 and the content metrics.
 
-A video has n frames, n uniform over LENGTHS; a frame is (C, H, W) = (3, 1, 3): three RGB pixels in
-[-1, 1]. Per video: colours a, b ~ U([-1, 1]^3) and a phase phi_f = phi_0 + 2 pi f / n, phi_0 ~ U(0, 2 pi):
-ONE turn per clip, so the speed of the motion tells the length. The outer pixels are the two ends of a
-colour gradient between a and b that turns around a ring through them: left_f = a + (b - a)(1 + cos
-phi_f) / 2, right_f = a + (b - a)(1 - cos phi_f) / 2. The middle pixel is grey, g_0 before frame j and
-g_1 from it on (j ~ U{1..n-1}, g_0, g_1 ~ U(-1, 1)): one jump. Batches are zero-padded to 30 frames.
-Captions, for text-to-video: the length and the jump's direction, '25 frames, jumps up', in WORDS."""
+A video has n frames, n uniform over LENGTHS; a frame is (C, H, W) = (3, 1, 3): three RGB pixels in [-1, 1].
+Per video: colours a, b ~ U([-1, 1]^3) and a phase phi_f = phi_0 + 2 pi f / n, phi_0 ~ U(0, 2 pi): ONE turn
+per clip, so the speed tells the length. The outer pixels are the ends of a colour gradient turning around a
+ring through a and b: left_f = a + (b - a)(1 + cos phi_f) / 2, right_f = a + (b - a)(1 - cos phi_f) / 2. The
+middle pixel is grey: g_0 before frame j, g_1 from it on (j ~ U{1..n-1}, g_0, g_1 ~ U(-1, 1)), one jump."""
 import math
 
 import torch
@@ -26,8 +24,7 @@ def length_probs():
 
 def sample_toy_videos(batch_size, generator=None):
     """-> videos (B, 30, 3, 1, 3) float32, zero beyond each length; lengths (B,) long. Vectorised."""
-    B, F = batch_size, max(LENGTHS)
-    g = dict(generator=generator)
+    B, F, g = batch_size, max(LENGTHS), dict(generator=generator)
     lengths = torch.tensor(LENGTHS)[torch.randint(len(LENGTHS), (B,), **g)]  # (B,)
     f = torch.arange(F, dtype=torch.float32)  # (F,)
     a, b = torch.rand(2, B, 1, 3, **g) * 2 - 1  # (B, 1, 3) colours, broadcast over frames
@@ -38,8 +35,7 @@ def sample_toy_videos(batch_size, generator=None):
     g0, g1 = torch.rand(2, B, 1, **g) * 2 - 1  # (B, 1)
     middle = torch.where(f < jump[:, None], g0, g1)[..., None].expand(B, F, 3)  # (B, F, 3)
     videos = torch.stack([left, middle, right], dim=-1)[:, :, :, None, :]  # (B, F, C=3, H=1, W=3)
-    valid = f < lengths[:, None]  # (B, F)
-    return videos * valid[:, :, None, None, None], lengths
+    return videos * (f < lengths[:, None])[:, :, None, None, None], lengths  # zero beyond each length
 
 
 def jumps_up(video):
@@ -48,8 +44,8 @@ def jumps_up(video):
 
 
 def caption(video, generator=None):
-    """A caption of a toy video (F, 3, 1, 3) that says its length ('25 frames'), its jump ('jumps up'), both
-    or neither (the empty prompt), each part with probability 1/2: every prompt a user may give is trained."""
+    """A caption of a toy video (F, 3, 1, 3): its length ('25 frames'), its jump ('jumps up'), both or neither
+    (the empty prompt), each part with probability 1/2: every prompt a user may give is trained."""
     parts = [f"{len(video)} frames", "jumps " + ("up" if jumps_up(video) else "down")]
     return ", ".join(part for part, say in zip(parts, torch.rand(2, generator=generator) < 0.5) if say)
 
@@ -57,14 +53,14 @@ def caption(video, generator=None):
 def embed_caption(text):
     """A caption -> (words, EMBED_DIM): a fixed random vector per word, the toy's frozen text encoder."""
     words = text.replace(",", " ").split()
-    if set(words) - set(WORDS):
-        raise ValueError(f"the toy's prompts use the words {' '.join(WORDS)}, not {' '.join(set(words) - set(WORDS))}")
+    if unknown := set(words) - set(WORDS):
+        raise ValueError(f"the toy's prompts use the words {' '.join(WORDS)}, not {' '.join(unknown)}")
     table = torch.randn(len(WORDS), EMBED_DIM, generator=torch.Generator().manual_seed(0))
     return table[[WORDS.index(w) for w in words]]
 
 
 def follows(text, videos):
-    """The share of toy videos that do what a caption asks: a length within +-1 of it, the jump's direction."""
+    """The share of toy videos that do what a caption asks: a length within +-1 of it, the jump's way."""
     words, out = text.replace(",", " ").split(), {}
     for n in (w for w in words if w.isdigit()):
         out[f"within +-1 of {n} frames"] = sum(abs(len(v) - int(n)) <= 1 for v in videos) / len(videos)
@@ -74,9 +70,9 @@ def follows(text, videos):
 
 
 def length_metrics(lengths):
-    """Generated lengths vs the data law. tv: total variation between the exact-length histogram and P(n);
-    within1: the fraction of videos within +-1 frame of a data length; binned_tv: the TV after putting each
-    video into its nearest data length if within +-2, else into an "outside" bin (near misses forgiven)."""
+    """Lengths vs the data law: tv, the total variation between their histogram and P(n); within1, the share
+    within +-1 of a data length; binned_tv, the TV with each video binned to its nearest data length within
+    +-2, else to "outside" (near misses forgiven)."""
     lengths = torch.as_tensor(lengths).long()
     P = length_probs()
     hist = torch.bincount(lengths, minlength=len(P)).double() / len(lengths)
@@ -90,10 +86,9 @@ def length_metrics(lengths):
 
 
 def features(frames):
-    """What a toy video (F, 3, 1, 3) should look like, as numbers the data fix: the middle pixel's variation
-    beyond one clean jump (0 in the data) and its steps over 0.2 (one, unless g_0 and g_1 are close), the
-    outer pixels' roughness (mean |second difference|) and the kink where the clip wraps round to its start,
-    beyond that roughness (about 0: one turn per clip, the frame after the last is frame 0), the length."""
+    """A toy video (F, 3, 1, 3) -> what the data fix: the middle pixel's variation beyond one clean jump (0)
+    and its steps over 0.2 (one unless g_0 ~ g_1), the outer pixels' roughness (mean |second difference|), the
+    kink where the clip wraps to its start beyond it (about 0: frame 0 follows the last), and the length."""
     middle = frames[:, :, 0, 1].double().mean(dim=1)  # (F,) the grey level
     outer = frames[:, :, 0, [0, 2]].double()  # (F, 3, 2)
     loop = torch.cat([outer, outer[:2]])  # the clip, then its own start again
@@ -104,11 +99,10 @@ def features(frames):
 
 
 def summary(f):
-    """Features (N, 5) -> the shares of one clean jump (excess < 0.05), of one big step and of closed turns
-    (kink < 0.05, beyond every data video's), the median excess and the mean roughness."""
+    """Features (N, 5) -> shares: one clean jump, one big step, closed turn; median excess, mean roughness."""
     return {"one_clean_jump": float((f[:, 0] < 0.05).double().mean()), "excess": float(f[:, 0].median()),
             "one_big_step": float((f[:, 1] == 1).double().mean()), "roughness": float(f[:, 2].mean()),
-            "closes": float((f[:, 3] < 0.05).double().mean())}
+            "closes": float((f[:, 3] < 0.05).double().mean())}  # a kink < 0.05: beyond every data video's
 
 
 def frechet(a, b):
@@ -124,9 +118,8 @@ def frechet(a, b):
 
 
 def quality(videos, seed=1_000_002):
-    """Generated toy videos against as many data videos (two at least: a spread): the summary of both, and
-    the Frechet distance between their features standardised by the data's spread, beside the distance
-    between two data samples of that size: its noise floor."""
+    """Generated toy videos against as many data videos (two at least): the summary of both, and the Frechet
+    distance of their features standardised by the data's spread, beside two data samples': its floor."""
     data = [sample_toy_videos(max(len(videos), 2), torch.Generator().manual_seed(seed + k)) for k in (0, 1)]
     ref, other = (torch.stack([features(v[:n]) for v, n in zip(*d)]) for d in data)
     gen = torch.stack([features(v) for v in videos])

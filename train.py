@@ -241,7 +241,7 @@ def global_batch(cfg, kappa, data_rng, clips=None):
         x_1 = torch.randn(B, F, cfg.channels, cfg.height, cfg.width, generator=data_rng)
         lengths = torch.full((B,), F)
         prompts = list(torch.randn(B, 77, cfg.prompt_dim, generator=data_rng)) if cfg.prompt_dim else prompts
-    prompt, prompt_mask = fc.pad_prompts(prompts, cfg.prompt_dim)
+    prompt, prompt_mask = fc.pad_prompts(prompts)
     # 2. each video's task (its context frames) and where each of its frames stands in extended time
     context, passive = fc.sample_context(lengths, cfg.tasks, data_rng)
     if cfg.paradigm.startswith("ar"):  # Appendix C.1: j frames given, j uniform on 0..n-1, then frame j
