@@ -28,6 +28,7 @@ import torch.nn.functional as nnf
 import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
@@ -37,6 +38,7 @@ from tqdm import tqdm
 PARADIGMS = ("flowception", "full_sequence", "ar", "ar_causal")  # Flowception and Section 4.1's baselines
 ROPES = ("axial", "videorope")  # rope_angles
 BLOCKS = ("dit", "v1")  # DiTBlock
+SPEEDS = ("fused", "compile", "flex")  # GPU speed paths (train.py), off by default: unmeasured (README)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class Config:
     pack: int = 0  # rows of this many frames holding several videos each (train.pack_batch); 0: pad
     checkpointing: bool = False  # activation checkpointing: recompute each block in backward
     fsdp: bool = False  # shard parameters, gradients, optimizer state and EMA per block (FSDP2)
+    speed: str = ""  # of SPEEDS, comma-separated: fused AdamW, torch.compile per block, FlexAttention
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.0
@@ -104,6 +107,8 @@ class Config:
                                      ("block", self.block, BLOCKS)):
             if value not in choices:
                 raise ValueError(f"{name} {value!r} is not one of {', '.join(choices)}")
+        if set(self.speed.split(",")) - {"", *SPEEDS}:
+            raise ValueError(f"speed {self.speed!r}: the speed paths are {', '.join(SPEEDS)}")
         if self.paradigm.startswith("ar") and (self.tasks != "uncond" or self.window or self.prompt_dim):
             raise ValueError(f"the AR baselines take tasks 'uncond', window 0 and no prompt, got tasks "
                              f"{self.tasks!r}, window {self.window}, prompt_dim {self.prompt_dim}")
@@ -328,7 +333,7 @@ def make_training_batch(x_1, state, generator=None, cond_dropout=0.0, prompt=Non
     return TrainingBatch(x_t=strip(x_t), cond=strip(cond), t=strip(state.t), mask=mask,
                          target=strip(x_1 - x_0), active=strip(state.active) & mask, K=strip(state.K) * mask,
                          can_insert=mask & ~strip(state.passive) & (state.tau_g < 1)[:, None],
-                         video=torch.where(mask, 0, -1), prompt=prompt, prompt_video=torch.where(prompt_mask, 0, -1),
+                         video=torch.where(mask, 0, -1), prompt=prompt, prompt_video=(prompt_mask.long() - 1),
                          position=torch.arange(mask.shape[1], device=mask.device).expand(mask.shape))
 
 
@@ -478,6 +483,8 @@ class Attention(nn.Module):
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)  # (B, h, N, hd)
         if kv is not None:  # a KV cache (generate_ar): the earlier frames' keys and values, then these
             k, v = kv(k, v)
+        if isinstance(attn_mask, BlockMask):  # speed "flex": FlexAttention skips the blocks nobody sees
+            return self.proj(rearrange(flex_attention(q, k, v, block_mask=attn_mask), "b h n d -> b n (h d)"))
         out = nnf.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, hd)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)
 
@@ -503,7 +510,7 @@ class DiTBlock(nn.Module):
     """adaLN-Zero: each frame's conditioning sets shift, scale and gate for all its tokens, rate token too.
     block 'dit': DiT's GELU MLP and one-layer adaLN; 'v1': the official FlowceptionV1's SwiGLU (2/3 of the
     hidden width, no biases) and two-layer adaLN. Prompt tokens y (prompt=True) join the attention (the same
-    q, k, v: joint attention), modulated by a shift, scale and gate computed from each token itself; no MLP."""
+    q, k, v: joint attention), modulated by a shift, scale and gate computed from each token; no MLP."""
 
     def __init__(self, dim, heads, mlp_ratio, block="dit", prompt=False):
         super().__init__()
@@ -512,13 +519,13 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         if block == "dit":
-            self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+            self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU("tanh"), nn.Linear(hidden, dim))
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         else:
             self.mlp, self.adaLN_modulation = SwiGLU(dim, 2 * hidden // 3), norm_mlp(dim, dim, 6 * dim)
         self.prompt_modulation = norm_mlp(dim, dim, 3 * dim) if prompt else None
 
-    def forward(self, x, c, cos, sin, attn_mask, kv=None, y=None):  # x (B, F, L+1, D), c (B, F, D), y (B, P, D)
+    def forward(self, x, c, cos, sin, attn_mask, kv=None, y=None):  # x (B, F, L+1, D), c (B, F, D), y (B,P,D)
         mod = self.adaLN_modulation(c)[:, :, None].chunk(6, dim=-1)  # 6 x (B, F, 1, D): once per frame
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         h = modulate(self.norm1(x), shift_msa, scale_msa).flatten(1, 2)  # (B, N, D) what attention sees
@@ -568,7 +575,7 @@ class Flowception(nn.Module):
         for embedder in (e for e in (self.t_embedder, self.count_embedder) if e is not None):
             nn.init.normal_(embedder.mlp[0].weight, std=0.02)
             nn.init.normal_(embedder.mlp[2].weight, std=0.02)
-        zero = [m[-1] for b in self.blocks for m in (b.adaLN_modulation, b.prompt_modulation) if m is not None]
+        zero = [m[-1] for b in self.blocks for m in (b.adaLN_modulation, b.prompt_modulation) if m]
         zero += [self.final_modulation[-1], self.final_linear]
         for layer in zero + [self.rate_head[-1]]:
             nn.init.zeros_(layer.weight)
@@ -596,9 +603,10 @@ class Flowception(nn.Module):
             frames &= position[:, None, :] <= position[:, :, None]
         return allowed[:, None]
 
-    def forward(self, x_t, t, mask, cond, video=None, position=None, cache=None, prompt=None, prompt_video=None):
+    def forward(self, x_t, t, mask, cond, video=None, position=None, cache=None, prompt=None,
+                prompt_video=None):
         """video, position (B, F): each frame's video in a packed row (-1: padding) and index in it, as in
-        TrainingBatch (default: one video per row). cache: a KVCache, with one frame per row. prompt (B, P, E):
+        TrainingBatch (default: one video per row). cache: a KVCache, one frame per row. prompt (B, P, E):
         the encoder's embeddings of each row's prompt tokens, prompt_video (B, P) their video (-1: padding;
         default 0: all real); no prompt, or every token padding, is the empty prompt."""
         cfg, (B, F), (ph, pw) = self.cfg, mask.shape, self.cfg.patch
@@ -620,10 +628,13 @@ class Flowception(nn.Module):
             mine = (video[:, :, None] == prompt_video[:, None, :]).to(y.dtype)  # (B, F, P) its video's tokens
             c = c + mine @ y / mine.sum(dim=2, keepdim=True).clamp_min(1)  # (B, F, D) + the mean prompt token
         angles = rope_angles(self.positions(position).flatten(1, 2), cfg)  # (B, N, hd/2)
-        angles = nnf.pad(angles, (0, 0, 0, prompt_video.shape[1]))  # (B, N + P, hd/2) prompt tokens: 0, unturned
+        angles = nnf.pad(angles, (0, 0, 0, prompt_video.shape[1]))  # (B, N + P, hd/2) prompt tokens unturned
         cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # (B, 1, N + P, hd/2)
         assert cache is None or F == 1, "a KV cache runs one frame per row"
         attn_mask = self.attention_mask(video, position, x.shape[2], prompt_video) if cache is None else None
+        if "flex" in cfg.speed and cache is None:  # the same mask as FlexAttention's blocks
+            allowed, N = attn_mask, attn_mask.shape[-1]
+            attn_mask = create_block_mask(lambda b, h, q, k: allowed[b, 0, q, k], B, None, N, N, mask.device)
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else functools.partial(cache.attend, i)  # block i's part of the cache
             if cfg.checkpointing and torch.is_grad_enabled():  # keep only block inputs; recompute in backward
@@ -642,24 +653,25 @@ build_model = Flowception  # the DiT for a config; under `with torch.device("met
 
 @functools.cache
 def forward_flops(cfg, frames, seen=None, prompt=0):
-    """Matmul FLOPs of a forward pass over ONE video of `frames` frames and `prompt` prompt tokens, counted for
-    MFU as torchtitan does (training: 3x): 2 per weight per token it acts on (adaLN, embedders, rate head: once
-    per frame), 4 D per query-key pair per block. seen: the frames that frames see, summed (None: their video,
-    window, causal); prompt tokens see and are seen by every token of their video."""
+    """Matmul FLOPs of a forward pass over ONE video of `frames` frames and `prompt` prompt tokens, counted
+    for MFU as torchtitan does (training: 3x): 2 per weight per token it acts on (adaLN, embedders, rate head:
+    once per frame), 4 D per query-key pair per block. seen: the frames that frames see, summed (None: their
+    video, window, causal); prompt tokens see and are seen by every token of their video."""
     D, C, (ph, pw), hidden = cfg.dim, cfg.channels, cfg.patch, int(cfg.dim * cfg.mlp_ratio)
     L = (cfg.height // ph) * (cfg.width // pw)  # patch tokens per frame; L + 1 with the rate token
     mlp, adaln = (3 * D * (2 * hidden // 3), 7 * D * D) if cfg.block == "v1" else (2 * D * hidden, 6 * D * D)
     per_token = cfg.depth * (4 * D * D + mlp)  # qkv, projection, MLP
     per_patch = 2 * C * ph * pw * D + D * C * ph * pw  # patch embedding (2C channels in), velocity head
     embedders = (256 * D + D * D) * (1 + cfg.count_embedding)  # time (and count) embedding
-    per_frame = embedders + cfg.depth * adaln + 2 * D * D + (D * D + D) + prompt * D  # ... rate head, prompt mean
+    per_frame = embedders + cfg.depth * adaln + 2 * D * D + (D * D + D) + prompt * D  # final, rate head, mean
     per_prompt = cfg.depth * 8 * D * D + cfg.prompt_dim * D + D * D  # qkv, projection, its adaLN; projector
     w, causal = cfg.window or frames, cfg.paradigm == "ar_causal"
     if seen is None:  # frame i sees frames max(0, i - w) .. min(frames - 1, i + w), or up to i
         seen = sum(min(frames, i + 1 if causal else i + w + 1) - max(0, i - w) for i in range(frames))
     N = frames * (L + 1)  # seen x (L + 1)^2 query-key pairs, and with the prompt 2 N prompt + prompt^2
     attention = 4 * cfg.depth * D * (seen * (L + 1) ** 2 + 2 * N * prompt + prompt**2)
-    return 2 * frames * ((L + 1) * per_token + L * per_patch + per_frame) + 2 * prompt * per_prompt + attention
+    video = frames * ((L + 1) * per_token + L * per_patch + per_frame)
+    return 2 * video + 2 * prompt * per_prompt + attention
 
 
 ################## The sampler (Algorithm 1, Appendix B.3, E) ###################
@@ -693,10 +705,10 @@ def make_start(task, frames, n_start=1):
 
 
 def next_time(kappa, tau_g, pending, steps, max_reveal_prob=0.1, floor=1e-4):
-    """Each video's next global time (B,) from tau_g < 1: h = 1 / steps, or less where h would reveal more than
-    max_reveal_prob (c) of the pending frames; 1 once the model expects fewer than c^2 frames still to come
-    (pending: its sum of lam; they cost as many more steps, for an error of order c^2), or 1 - kappa < floor.
-    c = 1: Algorithm 1's uniform steps, whose last reveals every pending frame at once, unseen."""
+    """Each video's next global time (B,) from tau_g < 1: h = 1 / steps, or less where h would reveal more
+    than max_reveal_prob (c) of the pending frames; 1 once the model expects fewer than c^2 frames still to
+    come (pending: its sum of lam; more steps for an error of order c^2), or 1 - kappa < floor. c = 1:
+    Algorithm 1's uniform steps, whose last reveals every pending frame at once, unseen."""
     k0, uniform = kappa.kappa(tau_g), torch.where(tau_g + 1 / steps > 1 - 1e-9, 1.0, tau_g + 1 / steps)
     if max_reveal_prob >= 1:
         return uniform
@@ -775,7 +787,7 @@ def guided_forward(model, state, rate_guidance=1.0, cfg_scale=1.0, text=None):
         return model(x, state.t, state.mask, cond, **text)
     if text:  # the empty prompt: every token padding
         owner = text["prompt_video"]
-        text = dict(prompt=text["prompt"].repeat(2, 1, 1), prompt_video=torch.cat([owner, torch.full_like(owner, -1)]))
+        text = dict(prompt=text["prompt"].repeat(2, 1, 1), prompt_video=torch.cat([owner, owner * 0 - 1]))
     v, log_lam = model(torch.cat([x, torch.where(ctx, 0.0, x)]), state.t.repeat(2, 1),
                        state.mask.repeat(2, 1), torch.cat([cond, torch.zeros_like(cond)]), **text)
     (v_c, v_u), (log_lam_c, log_lam_u) = v.chunk(2), log_lam.chunk(2)
@@ -814,8 +826,8 @@ def generate(model, num_videos, frame_shape, kappa=LinearKappa(), n_start=1, ste
                          passive=start.passive.to(device), insert_time=torch.zeros(ctx.shape, device=device),
                          tau_g=torch.zeros(B, dtype=torch.float64, device=device), step=0,
                          refused=torch.zeros(B, dtype=torch.long, device=device))
-    text = None if prompt is None else dict(prompt=prompt.to(device).expand(B, -1, -1),  # (1, P, E): every video's
-                                            prompt_video=torch.where(prompt_mask.to(device), 0, -1).expand(B, -1))
+    text = None if prompt is None else {"prompt": prompt.to(device).expand(B, -1, -1),  # (1, P, E): for all
+                                        "prompt_video": (prompt_mask.long() - 1).to(device).expand(B, -1)}
     guided = bool(ctx.any() or text) and (cfg_scale != 1 or rate_guidance != 1)
     nfe = torch.zeros(B, dtype=torch.long, device=device)
     capped = math.ceil(math.log(1e-4) / math.log(1 - min(max_reveal_prob, 0.5)))  # steps shrinking 1 - kappa
@@ -827,7 +839,8 @@ def generate(model, num_videos, frame_shape, kappa=LinearKappa(), n_start=1, ste
         v, log_lam = guided_forward(model, state, rate_guidance, cfg_scale, text)  # 1. (two with guidance)
         nfe += working * (2 if guided else 1)  # evaluations until a video is done
         lam = torch.where(state.mask & ~state.passive, log_lam.float().clamp(max=30).exp(), 0.0)  # (B, F)
-        tau_next = torch.where(tau_g < 1, next_time(kappa, tau_g, lam.double().sum(1), steps, max_reveal_prob),
+        pending = lam.double().sum(1)  # (B,) the frames the model expects still to come
+        tau_next = torch.where(tau_g < 1, next_time(kappa, tau_g, pending, steps, max_reveal_prob),
                                tau_g + 1 / (after * steps))  # 2. flow to it, Eq. (4)
         u = (tau_next[:, None].float() - state.insert_time).clamp(0, 1)  # (B, F) clip(tau_i) at tau_next
         u = torch.where(u > 1 - 1e-6, 1.0, u)  # float slack, so that k steps of h land on 1
@@ -924,23 +937,25 @@ def write_atomically(path, write):
 
 
 LTX_TEMPORAL, LTX_SPATIAL = 8, 32  # the LTX VAE: 1 + 8k frames of H x W px -> 1 + k of 128 x H/32 x W/32
+LTX_T5 = "Lightricks/LTX-Video"  # its text encoder: T5-XXL in text_encoder/, the tokenizer in tokenizer/
 
 
 def save_latents(path, z, fps, vae=None, prompt=None, text_encoder=None):
     """Normalised latents (F, C, h, w) -> LTX-Video-Trainer's file, atomically: a dict with the latents packed
     as (F h w, C) tokens in (frame, row, column) order, the fps and the VAE that made them (vae_identity);
-    a caption's embeddings (P, E) as the trainer's condition files hold them, and the encoder that made them."""
+    a caption's embeddings (P, E) as the trainer's condition files hold them, and their encoder's identity."""
     F, _, h, w = z.shape
     d = {"latents": rearrange(z.cpu(), "f c h w -> (f h w) c"), "num_frames": F, "height": h, "width": w}
     if prompt is not None:
         d |= {"prompt_embeds": prompt, "prompt_attention_mask": torch.ones(len(prompt), dtype=torch.bool)}
-    write_atomically(path, lambda f: torch.save({**d, "fps": float(fps), **(vae or {}), **(text_encoder or {})}, f))
+    d |= {"fps": float(fps), **(vae or {}), **(text_encoder or {})}
+    write_atomically(path, lambda f: torch.save(d, f))
 
 
 def load_latents(path, channels=None, size=None):
-    """One latent file (ours, LTX-Video-Trainer's, LTX-2's) -> (F, C, h, w) and its {fps, vae, vae_fingerprint,
-    prompt: the real tokens' embeddings (P, E) or None, text_encoder, text_encoder_fingerprint} (None where
-    it does not say). A trainer's latents/x.pt finds its prompt in conditions/x.pt, made with LTX-Video's T5."""
+    """One latent file (ours, LTX-Video-Trainer's, LTX-2's) -> (F, C, h, w) and its {fps, vae,
+    vae_fingerprint, prompt: the real tokens' embeddings (P, E), text_encoder, text_encoder_fingerprint}
+    (None where it does not say). A trainer's latents/x.pt has its prompt in conditions/x.pt."""
     head, sep, tail = path.rpartition(f"{os.sep}latents{os.sep}")  # LTX-Video-Trainer's .precomputed layout
     conditions = f"{head}{os.sep}conditions{os.sep}{tail}" if sep else None
     try:
@@ -952,10 +967,11 @@ def load_latents(path, channels=None, size=None):
             z = rearrange(z, "(f h w) c -> f c h w", f=F, h=h, w=w)
         else:  # LTX-2's trainer: (C, F, h, w)
             z = z.permute(1, 0, 2, 3)
-        text = d  # the caption's embeddings: in d, or in the trainer's conditions/x.pt, made by LTX-Video's T5
+        text = d  # the caption's embeddings: in d, or in the trainer's conditions/x.pt, by LTX-Video's T5
         if conditions and os.path.isfile(conditions):
-            text = torch.load(conditions, map_location="cpu", weights_only=True) | {"text_encoder": "Lightricks/LTX-Video"}
-        prompt = text["prompt_embeds"][text["prompt_attention_mask"].bool()] if "prompt_embeds" in text else None
+            text = {**torch.load(conditions, map_location="cpu", weights_only=True), "text_encoder": LTX_T5}
+        real = text.get("prompt_attention_mask")  # (P,) bool, with prompt_embeds (P, E)
+        prompt = None if real is None else text["prompt_embeds"][real.bool()]
     except Exception as e:  # unreadable, not a dict, missing keys, inconsistent shapes
         raise ValueError(f"latent file {path} is not readable ({why(e)})") from None
     if channels is not None and z.shape[1] != channels:
@@ -983,26 +999,27 @@ def load_latent_folder(folder, cfg):
     shortest, size = cfg.n_start + 2, (cfg.height, cfg.width)
     loaded = [load_latents(f, cfg.channels, size) for f in tqdm(files, disable=len(files) < 100)]
     vaes = {(i["vae"], i["vae_fingerprint"]) for _, i in loaded}
-    encoders = {(i["text_encoder"], i["text_encoder_fingerprint"]) for _, i in loaded if i["prompt"] is not None}
+    prompted = [i for _, i in loaded if i["prompt"] is not None]
+    encoders = {(i["text_encoder"], i["text_encoder_fingerprint"]) for i in prompted}
     for what, found in (("VAEs", vaes), ("text encoders", encoders)):
         if len(found) > 1:
-            raise ValueError(f"the latents in {folder} come from {len(found)} {what}: {sorted(map(str, found))}")
-    widths = {i["prompt"].shape[1] for _, i in loaded if i["prompt"] is not None}
-    if cfg.prompt_dim and widths - {cfg.prompt_dim}:
-        raise ValueError(f"the prompts in {folder} are {widths.pop()}-d embeddings, the preset's prompt_dim is "
-                         f"{cfg.prompt_dim}")
+            raise ValueError(f"the latents in {folder} come from {len(found)} {what}: "
+                             f"{sorted(map(str, found))}")
+    if cfg.prompt_dim and {i["prompt"].shape[1] for i in prompted} - {cfg.prompt_dim}:
+        raise ValueError(f"the prompts in {folder} are {prompted[0]['prompt'].shape[1]}-d embeddings, the "
+                         f"preset's prompt_dim is {cfg.prompt_dim}")
     clips = [(z[: cfg.max_frames], torch.zeros(0, cfg.prompt_dim) if i["prompt"] is None else i["prompt"])
              for z, i in loaded if len(z) >= shortest]
     if not clips:
         raise ValueError(f"no clip in {folder} has {shortest} latent frames or more")
     lengths = collections.Counter(len(z) for z, _ in clips)
-    print(f"{folder}: {len(clips)} clips ({len(loaded) - len(clips)} shorter than {shortest} frames skipped); "
-          f"clips per latent length: {dict(sorted(lengths.items()))}; {sum(len(p) > 0 for _, p in clips)} prompts")
+    print(f"{folder}: {len(clips)} clips ({len(loaded) - len(clips)} shorter than {shortest} frames "
+          f"skipped); clips per latent length: {dict(sorted(lengths.items()))}; {len(prompted)} prompts")
     if len(lengths) == 1:
-        print(f"warning: every clip has {len(clips[0][0])} latent frames, the only length the model will learn "
-              "(a trainer cache cuts clips to its bucket's length: encode the videos instead)")
+        print(f"warning: every clip has {len(clips[0][0])} latent frames, the only length the model will "
+              "learn (a trainer cache cuts clips to its bucket's length: encode the videos instead)")
     names = ("vae", "vae_fingerprint", "text_encoder", "text_encoder_fingerprint")
-    return clips, dict(zip(names, vaes.pop() + (encoders.pop() if encoders else (None, None))), fps=loaded[0][1]["fps"])
+    return clips, dict(zip(names, vaes.pop() + (encoders or {(None, None)}).pop()), fps=loaded[0][1]["fps"])
 
 
 def from_pretrained(what, name_or_path, load):
@@ -1027,7 +1044,7 @@ def load_vae(name_or_path, device="cpu", dtype=torch.float32):
 
 def identity(kind, model, name, extra=b""):
     """{kind: the hub id or folder of a diffusers or transformers model, kind_fingerprint: a hash of its
-    config (and extra)}: the checkpoint records the VAE and the text encoder that its latents and prompts need."""
+    config (and extra)}: a checkpoint records the VAE and the text encoder its latents and prompts need."""
     config = {k: v for k, v in dict(model.config.items() if isinstance(model.config, dict) else
                                     model.config.to_dict().items()).items()
               if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}
@@ -1037,14 +1054,15 @@ def identity(kind, model, name, extra=b""):
 
 
 def vae_identity(vae, name):
-    """The VAE's identity: latents go right only through a VAE of that fingerprint (0.9.0, 0.9.1, 0.9.5 differ in
-    config, 0.9.7 in its latent statistics)."""
-    return identity("vae", vae, name, torch.cat([vae.latents_mean, vae.latents_std]).double().cpu().numpy().tobytes())
+    """The VAE's identity: latents go right only through a VAE of that fingerprint (0.9.0, 0.9.1, 0.9.5 differ
+    in config, 0.9.7 in its latent statistics)."""
+    stats = torch.cat([vae.latents_mean, vae.latents_std]).double().cpu().numpy().tobytes()
+    return identity("vae", vae, name, stats)
 
 
 def load_text_encoder(name_or_path, device="cpu"):
-    """transformers' T5 encoder (bf16) and tokenizer from a hub id or folder: LTX-Video's layout (text_encoder/
-    and tokenizer/ folders, as Lightricks/LTX-Video, whose T5 is google/t5-v1_1-xxl) or both in one folder."""
+    """transformers' T5 encoder (bf16) and tokenizer from a hub id or folder: LTX-Video's layout (LTX_T5,
+    whose T5 is google/t5-v1_1-xxl) or both in one folder."""
     from transformers import AutoTokenizer, T5EncoderModel  # optional: imported where used
 
     def load(name, sub):
@@ -1056,8 +1074,8 @@ def load_text_encoder(name_or_path, device="cpu"):
 
 @torch.no_grad()
 def encode_text(text_encoder, texts):
-    """Captions -> their embeddings (P_i, E) bf16, as LTX-Video-Trainer makes them: 256 tokens (padded, cut, the
-    end token), encoded without the mask, the real tokens kept. An empty caption: no token (the empty prompt)."""
+    """Captions -> their embeddings (P_i, E) bf16, as LTX-Video-Trainer makes them: 256 tokens (padded, cut,
+    the end token), encoded without the mask, the real ones kept. An empty caption: no token at all."""
     tokenizer, encoder = text_encoder
     ids = tokenizer(texts, max_length=256, padding="max_length", truncation=True, add_special_tokens=True,
                     return_tensors="pt")

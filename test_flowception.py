@@ -10,8 +10,11 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import warnings
 
 import pytest
 import torch
@@ -1306,6 +1309,30 @@ def test_grad_accumulation_and_packing_equal_one_big_padded_batch(tmp_path):
     _assert_same_run(tmp_path / "one", tmp_path / "packed")
 
 
+def test_speed_paths_compute_what_the_plain_path_computes(tmp_path, monkeypatch):
+    """The GPU speed paths, on the CPU: fused AdamW and every block compiled train the same run (losses,
+    weights, EMA); compiled here through dynamo and AOTAutograd without inductor's code generation, which
+    takes a minute on 2 cores. FlexAttention has no CPU backward in this torch: its forward, with a packed
+    row's mask (videos, prompts, a window), gives the plain attention's velocities and rates."""
+    train.main(DP_RUN + ["--out", str(tmp_path / "plain")])
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda m: compile_module(m, backend="aot_eager"))
+    train.main(DP_RUN + ["--out", str(tmp_path / "fast"), "--speed", "fused,compile"])
+    _assert_same_run(tmp_path / "plain", tmp_path / "fast")
+    cfg = fc.Config(**{**vars(SMALL), "window": 1, "prompt_dim": 5})
+    model, batch = _randomised(cfg), train.pack_batch(_training_batch([5, 3, 4, 3], cfg, seed=2), 8)
+    inputs = (batch.x_t, batch.t, batch.mask, batch.cond, batch.video, batch.position, None, batch.prompt,
+              batch.prompt_video)
+    flex = fc.build_model(fc.Config(**{**vars(cfg), "speed": "flex"}))
+    flex.load_state_dict(model.state_dict())
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention uncompiled: the reference implementation
+        (v, log_lam), (v_flex, log_lam_flex) = model(*inputs), flex.eval()(*inputs)
+    m = batch.mask
+    assert torch.allclose(v_flex[m], v[m], atol=1e-5) and torch.allclose(log_lam_flex[m], log_lam[m], atol=1e-5)
+    assert v[m].std() > 1e-3 and (batch.video.amax(dim=1) > batch.video[:, 0]).any()  # packed rows
+
+
 @pytest.mark.parametrize("parallel", ["DDP", "FSDP2"])
 def test_two_processes_equal_one_process(tmp_path, parallel):
     """torchrun --nproc_per_node=2 (gloo) on the same global batch: same losses, same weights (and EMA),
@@ -2124,6 +2151,41 @@ def test_a_user_error_under_torchrun_is_one_line_once_and_every_rank_fails(tmp_p
     done = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert done.returncode != 0 and (done.stdout + done.stderr).count("error: lr must be in (0, 1e3] and finite") == 1
+
+
+def test_a_stalled_rank_ends_the_job_in_one_line_and_resume_goes_on(tmp_path):
+    """SIGSTOP of rank 1 under torchrun: rank 0 stops after --timeout (6 s) with one line naming the wait and
+    the checkpoint step to resume from, not gloo's traceback; the checkpoint is whole and --resume goes on."""
+    here, env = os.path.dirname(os.path.abspath(__file__)), {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *QUICK[2:], "--steps", "100000", "--log-every", "100", "--out", str(tmp_path), "--device", "cpu"]
+    job = subprocess.Popen(run + ["--timeout", "0.1"], cwd=here, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    rank1 = None
+    for _ in range(600):  # till the first checkpoint: then stop rank 1 where it stands
+        time.sleep(0.1)
+        children = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+        for pid in children:
+            environ = dict(v.split("=", 1) for v in open(f"/proc/{pid}/environ").read().split("\0") if "=" in v)
+            rank1 = int(pid) if environ.get("RANK") == "1" else rank1
+        if rank1 and os.path.exists(tmp_path / "ckpt.pt"):
+            break
+    os.kill(rank1, signal.SIGSTOP)
+    lines = []
+    for line in job.stdout:  # rank 0 times out after 6 s; then rank 1 is let go
+        lines.append(line)
+        if line.startswith("error: "):
+            os.kill(rank1, signal.SIGKILL)
+    job.wait(timeout=60)
+    step = torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert job.returncode != 0 and len(errors) == 1, "".join(lines)[-2000:]
+    _one_line_error(errors[0].strip(), "rank 0 waited up to 0.1 minutes for another process",
+                    f"resume from {tmp_path / 'ckpt.pt'} (step {step}) with --resume")
+    assert not any("Timed out waiting" in line for line in lines)  # gloo's traceback is not shown
+    done = subprocess.run([*run[:run.index("100000")], str(step + 2), *run[run.index("100000") + 1:], "--resume"],
+                          cwd=here, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and [r["step"] for r in _log(tmp_path)][-3:] == [step, step + 1, step + 2]
 
 
 def test_the_process_group_waits_timeout_minutes(monkeypatch):

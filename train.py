@@ -26,6 +26,7 @@ import flowception as fc
 import toy_data
 
 rank, world_size = 0, 1  # set by setup_distributed
+saved_step = None  # the step of <out>/ckpt.pt, resumed or written by this run
 
 
 def print0(*args, **kwargs):
@@ -42,16 +43,17 @@ def parse_args(argv=None):
     arg("--device", help="cpu, cuda, cuda:1... (default: cuda when there is a GPU)")
     arg("--timeout", type=float, default=10, help="minutes to wait for a stalled process (a 26 GB save fits)")
     arg("--data", help="toy; synthetic (random clips: speed, memory); or a folder of latent files")
-    arg("--encode-videos", metavar="SRC", help="instead: encode into latent files in --out the videos of a folder, "
-        "or those of an LTX trainers' dataset file (.csv, .json, .jsonl: media_path, caption) with their captions")
+    arg("--encode-videos", metavar="SRC", help="instead: encode into latent files in --out the videos of a "
+        "folder, or of an LTX trainers' dataset file (.csv, .json, .jsonl: media_path, caption), captioned")
     arg("--vae", default="Lightricks/LTX-Video-0.9.5", help="hub id or folder of the LTX VAE (diffusers)")
-    arg("--text-encoder", default="Lightricks/LTX-Video", help="hub id or folder of the captions' T5 encoder")
+    arg("--text-encoder", default=fc.LTX_T5, help="hub id or folder of the captions' T5 encoder")
     arg("--steps", type=int, help="optimizer steps")
     arg("--batch-size", type=int, help="videos per optimizer step, over all processes")
     arg("--grad-accum", type=int, help="micro-batches per process and step")
     arg("--pack", type=int, metavar="FRAMES", help="rows of FRAMES frames, several videos each (0: pad)")
     arg("--checkpointing", action=flag, help="activation checkpointing: recompute each block in backward")
     arg("--fsdp", action=flag, help="shard parameters, gradients, optimizer state and EMA per block (FSDP2)")
+    arg("--speed", help=f"GPU speed paths, comma-separated, unmeasured: {', '.join(fc.SPEEDS)} (gpu_speed.sh)")
     arg("--peak-tflops", type=float, help="the GPU's dense bf16 TFLOP/s, for the log's MFU (default: PEAK's)")
     arg("--lr", type=float, help="peak learning rate (AdamW)")
     arg("--warmup", type=int, help="linear warm-up steps, then cosine decay to lr / 10")
@@ -128,8 +130,7 @@ def lr_at(step, cfg):
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-        e.lerp_(p, 1 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)  # one kernel for all
 
 
 PEAK = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312, "B200": 2250}  # bf16 TFLOP/s, datasheets
@@ -141,12 +142,14 @@ FULL = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered 
 def save_checkpoint(path, model, ema, opt, step, cfg, preset, data_rng, data_info):
     """Full (gathered) tensors and plain data in one file by rank 0 (all call it): it loads with weights_only
     anywhere and resumes on any number of processes. data_info: the latents' fps and VAE."""
+    global saved_step
     ckpt = {name: dcp.get_model_state_dict(m, options=FULL) for name, m in (("model", model), ("ema", ema))}
     ckpt |= {"optimizer": dcp.get_optimizer_state_dict(model, opt, options=FULL), "step": step,
              "preset": preset, "config": dataclasses.asdict(cfg), "data_rng": data_rng.get_state(),
              "data": data_info}
     if rank == 0:  # on disk before the rename; a failed write leaves the last checkpoint as it was
         fc.write_atomically(path, lambda f: torch.save(ckpt, f))
+    saved_step = step
 
 
 def claim_folder(out, resume):
@@ -174,8 +177,8 @@ def log_rows(path, last):
 
 
 def read_dataset(path):
-    """An LTX trainers' dataset file: CSV, JSON (a list) or JSONL rows, each a caption and a media_path (LTX-2's
-    trainer: or video), relative to the file's folder -> {video path: caption}."""
+    """An LTX trainers' dataset file: CSV, JSON (a list) or JSONL rows, each a caption and a media_path
+    (LTX-2's trainer: or video), relative to the file's folder -> {video path: caption}."""
     try:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f)) if path.endswith(".csv") else \
@@ -183,7 +186,8 @@ def read_dataset(path):
         return {os.path.join(os.path.dirname(path), r.get("media_path") or r["video"]): r.get("caption") or ""
                 for r in rows}
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, not rows, no media_path
-        raise ValueError(f"{path} is not a dataset file of rows with a media_path and a caption ({fc.why(e)})") from None
+        raise ValueError(f"{path} is not a dataset file of rows with a media_path and a caption "
+                         f"({fc.why(e)})") from None
 
 
 def encode_videos(src, out, device, cfg, vae_name, text_encoder_name):
@@ -194,8 +198,8 @@ def encode_videos(src, out, device, cfg, vae_name, text_encoder_name):
                          + ", ".join(name for name, c in fc.PRESETS.items() if c.data == "latents") + ")")
     captions = read_dataset(src) if os.path.isfile(src) else {}
     root = os.path.dirname(src) if os.path.isfile(src) else src
-    videos = sorted(captions) if captions else sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs
-                                                      if os.path.splitext(f)[1].lower() in fc.VIDEO_FILES)
+    videos = sorted(captions or (os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs
+                                 if os.path.splitext(f)[1].lower() in fc.VIDEO_FILES))
     if not videos:
         raise ValueError(f"no videos ({' '.join(fc.VIDEO_FILES)}) in {src}")
     vae = fc.load_vae(vae_name, device)
@@ -232,10 +236,11 @@ def global_batch(cfg, kappa, data_rng, clips=None):
     if cfg.data == "toy":
         x_1, lengths = toy_data.sample_toy_videos(B, data_rng)
         if cfg.prompt_dim:  # text-to-video: a caption of each video (toy_data.caption)
-            prompts = [toy_data.embed_caption(toy_data.caption(v[:n], data_rng)) for v, n in zip(x_1, lengths)]
+            captions = [toy_data.caption(v[:n], data_rng) for v, n in zip(x_1, lengths)]
+            prompts = [toy_data.embed_caption(c) for c in captions]
     elif clips:  # latent clips and their prompts, drawn with replacement, zero-padded
         chosen = [clips[i] for i in torch.randint(len(clips), (B,), generator=data_rng).tolist()]
-        x_1, lengths = pad_sequence([z for z, _ in chosen], batch_first=True), torch.tensor([len(z) for z, _ in chosen])
+        x_1, lengths = pad_sequence([z for z, _ in chosen], True), torch.tensor([len(z) for z, _ in chosen])
         prompts = [p.float() for _, p in chosen] if cfg.prompt_dim else prompts
     else:  # synthetic: the longest clips the preset allows, prompts of 77 tokens (the official configs')
         x_1 = torch.randn(B, F, cfg.channels, cfg.height, cfg.width, generator=data_rng)
@@ -280,13 +285,14 @@ def pack_batch(batch, capacity):
         src_f[r, :n] = torch.cat([torch.arange(lengths[b]) for b in row])
         real = batch.prompt_video[row] >= 0  # (videos, P')
         prompt[r, : int(real.sum())] = batch.prompt[row][real]
-        prompt_video[r, : int(real.sum())] = torch.tensor(row, device=real.device)[:, None].expand_as(real)[real]
+        prompt_video[r, : int(real.sum())] = torch.tensor(row)[:, None].expand_as(real)[real]
 
     def move(v):  # (B, F', ...) -> (R, capacity, ...): each packed frame's source; zero (False) on padding
         real = (src_b >= 0).view(*src_b.shape, *[1] * (v.dim() - 2))
         return torch.where(real, v[src_b, src_f], torch.zeros((), dtype=v.dtype, device=v.device))
 
-    moved = {k: move(v) for k, v in vars(batch).items() if k not in ("video", "position", "prompt", "prompt_video")}
+    placed = ("video", "position", "prompt", "prompt_video")  # above
+    moved = {k: move(v) for k, v in vars(batch).items() if k not in placed}
     return fc.TrainingBatch(**moved, video=src_b, position=src_f, prompt=prompt, prompt_video=prompt_video)
 
 
@@ -297,14 +303,16 @@ def forward_backward(net, model, batch, cfg, device, autocast):
     micro = torch.arange(len(batch.mask)).chunk(world_size)[rank].chunk(cfg.grad_accum)  # rows of the batch
     for i, rows in enumerate(micro):
         F = max(int(batch.mask[rows].sum(1).max()), 1)  # trimmed to its longest video
-        mb = fc.TrainingBatch(**{k: v[rows] if k.startswith("prompt") else v[rows, :F] for k, v in vars(batch).items()})
+        mb = {k: v[rows] if k.startswith("prompt") else v[rows, :F] for k, v in vars(batch).items()}
+        mb = fc.TrainingBatch(**mb)
         mb = pack_batch(mb, cfg.pack) if cfg.pack else mb
         mb = fc.TrainingBatch(**{k: v.to(device) for k, v in vars(mb).items()})
         last = i == len(micro) - 1  # gradients are reduced once, after the last micro-batch
         if cfg.fsdp:
             model.set_requires_gradient_sync(last)
         with autocast, (net.no_sync() if net is not model and not last else contextlib.nullcontext()):
-            v, log_lam = net(mb.x_t, mb.t, mb.mask, mb.cond, mb.video, mb.position, None, mb.prompt, mb.prompt_video)
+            v, log_lam = net(mb.x_t, mb.t, mb.mask, mb.cond, mb.video, mb.position, None, mb.prompt,
+                             mb.prompt_video)
             loss_v = fc.velocity_loss(v, mb, count=n_active)  # this micro-batch's share of the global means
             loss_r = fc.rate_loss(log_lam, mb, count=n_insert)
             loss = loss_v + (cfg.rate_weight if cfg.paradigm == "flowception" else 0) * loss_r
@@ -341,7 +349,7 @@ def train(args):
         raise ValueError(f"--data toy has frames of {toy_data.FRAME_SHAPE}, preset {args.preset} wants "
                          f"{(cfg.channels, cfg.height, cfg.width)}")
     if cfg.data == "toy" and cfg.prompt_dim not in (0, toy_data.EMBED_DIM):
-        raise ValueError(f"--data toy's captions are embedded in {toy_data.EMBED_DIM} dimensions, not {cfg.prompt_dim}")
+        raise ValueError(f"--data toy's captions have {toy_data.EMBED_DIM} dimensions, not {cfg.prompt_dim}")
     if cfg.data == "toy" and cfg.n_start > min(toy_data.LENGTHS):
         raise ValueError(f"--n-start {cfg.n_start}: the toy's shortest videos have {min(toy_data.LENGTHS)}")
     if ckpt is not None and ckpt["step"] >= cfg.steps:
@@ -357,9 +365,10 @@ def train(args):
 
 def run(args, cfg, resumed, device, out):
     """Build the model (and resume it), then train: the numbered steps of the loop."""
+    global saved_step
     ckpt_path, ckpt = os.path.join(out, "ckpt.pt"), resumed.pop() if resumed else None
     clips, data_info = ([], {}) if cfg.data in ("toy", "synthetic") else fc.load_latent_folder(cfg.data, cfg)
-    data_info |= {"text_encoder": "toy"} if cfg.data == "toy" and cfg.prompt_dim else {}  # toy_data.embed_caption
+    data_info |= {"text_encoder": "toy"} if cfg.data == "toy" and cfg.prompt_dim else {}  # embed_caption
     if rank == 0:  # the effective config, for the record
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump({"preset": args.preset, **dataclasses.asdict(cfg), "data_info": data_info}, f, indent=1)
@@ -372,7 +381,10 @@ def run(args, cfg, resumed, device, out):
     if cfg.fsdp:
         shard(model, device)
         shard(ema, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    for block in model.blocks if "compile" in cfg.speed else []:  # each block compiled once, in place
+        block.compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay,
+                            fused="fused" in cfg.speed or None)  # None: torch's default (foreach)
     kappa = fc.KAPPAS[cfg.kappa]()
     start, log_path = 0, os.path.join(out, "log.jsonl")  # one JSON line per step
     if ckpt is not None:
@@ -383,7 +395,8 @@ def run(args, cfg, resumed, device, out):
         for state in opt.state.values():  # on the CPU it would keep the file's memory-mapped tensors
             state.update({k: v.clone() for k, v in state.items() if torch.is_tensor(v)})
         data_rng.set_state(ckpt["data_rng"])
-        start, ckpt = ckpt["step"], None  # let go of the memory-mapped file, so that a later save frees it,
+        start = saved_step = ckpt["step"]
+        ckpt = None  # let go of the memory-mapped file, so that a later save frees it,
         gc.collect()  # and of the reference cycle that dcp leaves around its tensors
         print0(f"resumed from {ckpt_path} at step {start}")
     kept = "".join(json.dumps(r) + "\n" for r in (log_rows(log_path, start) if args.resume else []))
@@ -404,7 +417,7 @@ def run(args, cfg, resumed, device, out):
     for step in bar:
         # 1. the global batch: clean videos, tasks, the training state, noised and stripped (Algorithm 2)
         batch = global_batch(cfg, kappa, data_rng, clips)
-        frames, prompts = batch.mask.sum(dim=1).tolist(), (batch.prompt_video >= 0).sum(dim=1).tolist()  # per video
+        frames, prompts = batch.mask.sum(dim=1).tolist(), (batch.prompt_video >= 0).sum(dim=1).tolist()
         tokens += L1 * sum(frames) + sum(prompts)  # the useful work: a video a row, before packing
         flops += 3 * sum(fc.forward_flops(cfg, n, None, p) for n, p in zip(frames, prompts))
         # 2. this process's share of the losses and gradients (Eqs. 11, 12)
@@ -435,8 +448,8 @@ def run(args, cfg, resumed, device, out):
             seconds, (velocity, rate, grad_norm) = time.time() - t_log, (sums / n_logged).tolist()
             memory = f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if bf16 else ""
             mfu = f" | MFU {flops / seconds / world_size / peak:.1%}" if peak else ""  # per GPU
-            bar.write(f"step {done:6d} | velocity {velocity:.4f} | rate {rate:.4f} | grad norm {grad_norm:.3f}"
-                      f" | lr {lr:.2e} | {n_logged * cfg.batch_size / seconds:.1f} videos/s | "
+            bar.write(f"step {done:6d} | velocity {velocity:.4f} | rate {rate:.4f} | grad norm "
+                      f"{grad_norm:.3f} | lr {lr:.2e} | {n_logged * cfg.batch_size / seconds:.1f} videos/s | "
                       f"{tokens / seconds:,.0f} tokens/s{mfu}{memory}")
             t_log, sums, n_logged, tokens, flops = time.time(), torch.zeros(3, dtype=torch.float64), 0, 0, 0
         if cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == cfg.steps):
@@ -463,6 +476,13 @@ def main(argv=None):
         ckpt = os.path.join(args.out or os.path.join("out", args.preset), "ckpt.pt")
         print0(f"interrupted: {ckpt}", "is intact" if os.path.isfile(ckpt) else "was never written")
         sys.exit(130)
+    except RuntimeError as e:  # a collective timed out or lost a process: gloo's RuntimeError, nccl's DistError
+        if world_size == 1 or not (isinstance(e, dist.DistError) or "gloo" in str(e)):
+            raise
+        ckpt = os.path.join(args.out or os.path.join("out", args.preset), "ckpt.pt")
+        then = f"resume from {ckpt} (step {saved_step}) with --resume" if saved_step else "no checkpoint yet"
+        sys.exit(f"error: rank {rank} waited up to {args.timeout:g} minutes for another process (stalled or "
+                 f"dead): stopped; {then}" if rank == 0 else 1)
 
 
 if __name__ == "__main__":
