@@ -25,7 +25,7 @@ for row in "${rows[@]}"; do
   echo "== $name: $flags"
   # shellcheck disable=SC2086
   torchrun --standalone --nproc_per_node=1 train.py --preset "$preset" --data synthetic --steps "$steps" \
-    --log-every 5 --ckpt-every 0 --out "$dir" $flags > "$dir.log" 2>&1 || echo "   failed: $(tail -n 1 "$dir.log")"
+    --log-every 5 --ckpt-every 0 --out "$dir" $flags > "$dir.log" 2>&1 || echo "   failed: $(grep -m 1 -E '^error|Error' "$dir.log")"
 done
 python - "$out" "${rows[@]}" <<'EOF'
 import json, os, re, sys
@@ -49,6 +49,7 @@ for name, flags in rows:
     mine = losses(name)
     worst = max((abs(a - b) / max(abs(b), 1e-8) for x, y in zip(mine, plain) for a, b in zip(x, y)), default=None)
     same = "-" if worst is None else f"{'same' if worst < 0.05 else 'DIFFERENT'} (max rel. diff {worst:.1e})"
+    same = "(another batch)" if "--batch-size" in flags else same
     table.append(f"| {name} | `{flags or '(defaults)'}` | " + " | ".join(numbers) + f" | {same} |")
 open(os.path.join(out, "table.md"), "w").write("\n".join(table) + "\n")
 print("\n".join(table))
