@@ -798,7 +798,7 @@ def guided_forward(model, state, rate_guidance=1.0, cfg_scale=1.0, text=None):
 def generate(model, num_videos, frame_shape, kappa=LinearKappa(), n_start=1, steps=100, sampler="poisson",
              max_reveal_prob=0.1, max_frames=64, generator=None, callback=None, device=None,
              dtype=torch.float32, start=None, rate_guidance=1.0, cfg_scale=1.0, gamma=1.0, prompt=None,
-             prompt_mask=None, after=0.64):
+             prompt_mask=None, after=0.6):
     """Variable-length videos (a list of Sample): Euler steps interleaved with insertions (Algorithm 1).
 
     model: any callable model(x_t, t, mask, cond) -> (v, log_lam). start: the context and start frames to

@@ -53,7 +53,7 @@ def parse_args(argv=None):
     arg("--pack", type=int, metavar="FRAMES", help="rows of FRAMES frames, several videos each (0: pad)")
     arg("--checkpointing", action=flag, help="activation checkpointing: recompute each block in backward")
     arg("--fsdp", action=flag, help="shard parameters, gradients, optimizer state and EMA per block (FSDP2)")
-    arg("--speed", help=f"GPU speed paths, comma-separated, unmeasured: {', '.join(fc.SPEEDS)} (gpu_speed.sh)")
+    arg("--speed", help=f"GPU speed paths, comma-separated, unmeasured: {','.join(fc.SPEEDS)} (gpu_speed.sh)")
     arg("--peak-tflops", type=float, help="the GPU's dense bf16 TFLOP/s, for the log's MFU (default: PEAK's)")
     arg("--lr", type=float, help="peak learning rate (AdamW)")
     arg("--warmup", type=int, help="linear warm-up steps, then cosine decay to lr / 10")
@@ -476,7 +476,7 @@ def main(argv=None):
         ckpt = os.path.join(args.out or os.path.join("out", args.preset), "ckpt.pt")
         print0(f"interrupted: {ckpt}", "is intact" if os.path.isfile(ckpt) else "was never written")
         sys.exit(130)
-    except RuntimeError as e:  # a collective timed out or lost a process: gloo's RuntimeError, nccl's DistError
+    except RuntimeError as e:  # a collective timed out, or lost a process (gloo's RuntimeError, NCCL's)
         if world_size == 1 or not (isinstance(e, dist.DistError) or "gloo" in str(e)):
             raise
         ckpt = os.path.join(args.out or os.path.join("out", args.preset), "ckpt.pt")
