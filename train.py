@@ -71,7 +71,7 @@ def parse_args(argv=None):
     arg("--tau-density", choices=fc.TAU_DENSITIES, help="law of the global time tau_g on [0, 2)")
     arg("--rate-weight", type=float, help="weight of the insertion (Poisson) loss")
     arg("--tasks", help=f"task mix, e.g. 'uncond:2,i2v:1' (tasks: {', '.join(fc.TASKS)})")
-    arg("--cond-dropout", type=float, help="P(a video's context is dropped), for guidance")
+    arg("--cond-dropout", type=float, help="P(a video's context and prompt are dropped), for guidance")
     arg("--paradigm", choices=fc.PARADIGMS, help="Flowception, or a baseline (t ~ sigmoid(N(0, 1))): "
         "full_sequence, ar (bidirectional), ar_causal (causal by frame, a KV cache in sampling)")
     arg("--gamma", type=float, help="per-frame time t = clip(tau, 0, 1)^gamma (Appendix E); sample with it")
