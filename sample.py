@@ -8,6 +8,7 @@
 
 Toy checkpoints: the histogram, toy_data's metrics, samples.pt, videos.png, generation.gif. Latents: mp4s."""
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -67,7 +68,7 @@ def load_model(args):
         raise ValueError(f"{args.ckpt} was trained on tasks {cfg.tasks!r}, not {args.task!r} (see --tasks)")
     if (args.rate_guidance, args.cfg) != (1, 1) and (cfg.cond_dropout == 0 or cfg.paradigm != "flowception"):
         raise ValueError(f"guidance needs Flowception trained with --cond-dropout: {args.ckpt} is not")
-    model = fc.build_model(cfg)
+    model = fc.build_model(dataclasses.replace(cfg, speed=""))  # the speed paths are for training
     model.load_state_dict(ckpt["ema"])
     args.data_info = ckpt.get("data") or {}  # the latents' VAE and fps
     return model.to(args.device).eval(), cfg, f"{ckpt['preset']} step {ckpt['step']}"
