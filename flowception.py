@@ -333,7 +333,8 @@ def make_training_batch(x_1, state, generator=None, cond_dropout=0.0, prompt=Non
     return TrainingBatch(x_t=strip(x_t), cond=strip(cond), t=strip(state.t), mask=mask,
                          target=strip(x_1 - x_0), active=strip(state.active) & mask, K=strip(state.K) * mask,
                          can_insert=mask & ~strip(state.passive) & (state.tau_g < 1)[:, None],
-                         video=torch.where(mask, 0, -1), prompt=prompt, prompt_video=(prompt_mask.long() - 1),
+                         video=torch.where(mask, 0, -1), prompt=prompt,
+                         prompt_video=torch.where(prompt_mask, 0, -1),
                          position=torch.arange(mask.shape[1], device=mask.device).expand(mask.shape))
 
 
@@ -575,7 +576,8 @@ class Flowception(nn.Module):
         for embedder in (e for e in (self.t_embedder, self.count_embedder) if e is not None):
             nn.init.normal_(embedder.mlp[0].weight, std=0.02)
             nn.init.normal_(embedder.mlp[2].weight, std=0.02)
-        zero = [m[-1] for b in self.blocks for m in (b.adaLN_modulation, b.prompt_modulation) if m]
+        zero = [b.adaLN_modulation[-1] for b in self.blocks]
+        zero += [b.prompt_modulation[-1] for b in self.blocks if b.prompt_modulation is not None]
         zero += [self.final_modulation[-1], self.final_linear]
         for layer in zero + [self.rate_head[-1]]:
             nn.init.zeros_(layer.weight)
@@ -785,9 +787,10 @@ def guided_forward(model, state, rate_guidance=1.0, cfg_scale=1.0, text=None):
     x, cond, text = state.x, torch.where(ctx, state.x, 0.0), text or {}
     if (rate_guidance == 1 and cfg_scale == 1) or not (state.context.any() or text):
         return model(x, state.t, state.mask, cond, **text)
-    if text:  # the empty prompt: every token padding
-        owner = text["prompt_video"]
-        text = dict(prompt=text["prompt"].repeat(2, 1, 1), prompt_video=torch.cat([owner, owner * 0 - 1]))
+    if text:  # the unconditional pass has the empty prompt: every token padding
+        prompt, owner = text["prompt"], text["prompt_video"]
+        empty = torch.full_like(owner, -1)
+        text = dict(prompt=prompt.repeat(2, 1, 1), prompt_video=torch.cat([owner, empty]))
     v, log_lam = model(torch.cat([x, torch.where(ctx, 0.0, x)]), state.t.repeat(2, 1),
                        state.mask.repeat(2, 1), torch.cat([cond, torch.zeros_like(cond)]), **text)
     (v_c, v_u), (log_lam_c, log_lam_u) = v.chunk(2), log_lam.chunk(2)
@@ -826,8 +829,10 @@ def generate(model, num_videos, frame_shape, kappa=LinearKappa(), n_start=1, ste
                          passive=start.passive.to(device), insert_time=torch.zeros(ctx.shape, device=device),
                          tau_g=torch.zeros(B, dtype=torch.float64, device=device), step=0,
                          refused=torch.zeros(B, dtype=torch.long, device=device))
-    text = None if prompt is None else {"prompt": prompt.to(device).expand(B, -1, -1),  # (1, P, E): for all
-                                        "prompt_video": (prompt_mask.long() - 1).to(device).expand(B, -1)}
+    text = None
+    if prompt is not None:  # (1, P, E): the same prompt for every video
+        text = dict(prompt=prompt.to(device).expand(B, -1, -1),
+                    prompt_video=torch.where(prompt_mask, 0, -1).to(device).expand(B, -1))
     guided = bool(ctx.any() or text) and (cfg_scale != 1 or rate_guidance != 1)
     nfe = torch.zeros(B, dtype=torch.long, device=device)
     capped = math.ceil(math.log(1e-4) / math.log(1 - min(max_reveal_prob, 0.5)))  # steps shrinking 1 - kappa
